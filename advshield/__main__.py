@@ -1,0 +1,3 @@
+from advshield.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""Core commands: train, info, predict, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from advshield.errors import AdvshieldError, ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_PIPELINE = PACKAGE_DIR / "pipelines" / "fashion_mnist.toml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the reference CNN (and the transfer surrogate) on Fashion-MNIST")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: Debian's dataset-fashion-mnist)")
+    p.add_argument("--out", default="runs/models", help="output folder (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-sigma", type=float, default=0.0, help="Gaussian noise augmentation (for randomized smoothing)")
+    p.add_argument("--no-surrogate", action="store_true", help="skip the transfer-attack surrogate")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="show a pipeline file and the sha256 of every file it uses")
+    p.add_argument("pipeline", nargs="?", default=str(DEFAULT_PIPELINE))
+    p.add_argument("--parity", action="store_true", help="also build the differentiable twin and report parity")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="classify image files through the defended pipeline")
+    p.add_argument("pipeline")
+    p.add_argument("images", nargs="+", help="PNG or JPEG files")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--seed", type=int, default=None, help="seed for random defenses")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: train, score (later: fit, audit, report)")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--reuse", action="store_true", help="reuse models already trained in --workdir")
+    p.set_defaults(func=cmd_demo)
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+def train_models(out: Path, *, data_dir=None, epochs=4, seed=0, noise_sigma=0.0, surrogate=True,
+                 threads=2, progress=True) -> dict[str, dict]:
+    from advshield.data import load_fashion_mnist
+    from advshield.training import TrainConfig, export_onnx, train, write_model_card
+
+    train_ds, test_ds = load_fashion_mnist("train", data_dir), load_fashion_mnist("test", data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [("cnn", seed, noise_sigma, "fashion_cnn" + (f"_sigma{noise_sigma:g}" if noise_sigma else ""))]
+    if surrogate:
+        jobs.append(("surrogate", seed + 1000, 0.0, "fashion_surrogate"))
+    cards = {}
+    for arch, s, sigma, stem in jobs:
+        cfg = TrainConfig(arch=arch, epochs=epochs, seed=s, noise_sigma=sigma, threads=threads)
+        model, result = train(train_ds, test_ds, cfg, progress=progress)
+        path = out / f"{stem}.onnx"
+        diff = export_onnx(model, path, tuple(train_ds.as_float(0, 1).shape[1:]))
+        card = json.loads(write_model_card(path, result, diff).read_text())
+        cards[stem] = card
+        print(f"{path}: test accuracy {result.test_accuracy:.4f} ({result.train_seconds:.0f} s, "
+              f"ONNX parity {diff:.2g}, sha256 {card['sha256'][:12]})")
+    return cards
+
+
+def cmd_train(args) -> int:
+    train_models(Path(args.out), data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
+                 noise_sigma=args.noise_sigma, surrogate=not args.no_surrogate, threads=args.threads,
+                 progress=not args.quiet)
+    return 0
+
+
+# --- info ----------------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    from advshield.plugin.config import load_pipeline
+
+    cfg = load_pipeline(args.pipeline)
+    sums = cfg.checksums(verify=True)
+    files = cfg.files()
+    report = {
+        "pipeline": cfg.pipeline.name,
+        "source": str(cfg.source),
+        "input": list(cfg.input.shape),
+        "defenses": [e.type for e in cfg.defenses],
+        "detector": cfg.detector.type if cfg.detector else None,
+        "random": cfg.random,
+        "files": {k: {"path": str(files[k][0]), "sha256": v} for k, v in sums.items()},
+    }
+    if args.parity:
+        from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
+
+        twin = TwinClassifier(cfg.model_path, tolerance=cfg.model.parity_tolerance,
+                              reference=OnnxClassifier(cfg.model_path, device="cpu"))
+        report["twin_parity_max_abs_diff"] = twin.parity.max_abs_diff
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"pipeline  {cfg.pipeline.name}  ({cfg.source})")
+    print(f"input     {cfg.input.channels}x{cfg.input.height}x{cfg.input.width}, resize={cfg.input.resize}")
+    print(f"defenses  {', '.join(report['defenses']) or '(none)'}")
+    print(f"detector  {report['detector'] or '(none)'}")
+    print(f"random    {cfg.random}")
+    for name, f in report["files"].items():
+        print(f"{name:<22} {f['sha256']}  {f['path']}")
+    if "twin_parity_max_abs_diff" in report:
+        print(f"twin parity: max |logit difference| {report['twin_parity_max_abs_diff']:.3g} "
+              f"(tolerance {cfg.model.parity_tolerance:g})")
+    return 0
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+def cmd_predict(args) -> int:
+    from advshield.errors import ImageError
+    from advshield.plugin.decode import decode_image
+    from advshield.plugin.pipeline import DefendedClassifier
+
+    clf = DefendedClassifier.from_config(args.pipeline)
+    assert clf.config is not None
+    rows, arrays, errors = [], [], 0
+    for name in args.images:
+        try:
+            arrays.append(decode_image(Path(name).read_bytes(), clf.config.input))
+            rows.append(name)
+        except (ImageError, OSError) as e:
+            errors += 1
+            msg = str(e) if isinstance(e, ImageError) else f"cannot read file: {e.strerror}"
+            if args.json:
+                print(json.dumps({"image": name, "error": msg}))
+            else:
+                print(f"{name}: error: {msg}", file=sys.stderr)
+    if arrays:
+        import torch
+
+        pred = clf.predict(torch.from_numpy(np.stack(arrays)), seed=args.seed)
+        names = clf.class_names
+        for i, name in enumerate(rows):
+            order = np.argsort(-pred.probs[i])[: args.top]
+            rec = {"image": name, "label": int(pred.labels[i]), "class": names[pred.labels[i]] if pred.labels[i] >= 0 else "REJECTED",
+                   "top": [{"class": names[j], "prob": round(float(pred.probs[i, j]), 6)} for j in order]}
+            if pred.score is not None and pred.flagged is not None:
+                rec["detector_score"] = float(pred.score[i])
+                rec["flagged"] = bool(pred.flagged[i])
+            if args.json:
+                print(json.dumps(rec))
+            else:
+                top = "  ".join(f"{t['class']} {t['prob']:.3f}" for t in rec["top"])
+                flag = f"  [{'FLAGGED' if rec['flagged'] else 'ok'} {rec['detector_score']:.3f}]" if "flagged" in rec else ""
+                print(f"{name:<40} {rec['class']:<12} {top}{flag}")
+    return 1 if errors else 0
+
+
+# --- demo (the main job) -------------------------------------------------------------------------
+
+def write_default_pipeline(workdir: Path, model: str = "fashion_cnn.onnx", surrogate: str = "fashion_surrogate.onnx") -> Path:
+    text = DEFAULT_PIPELINE.read_text()
+    text = text.replace("../models/fashion_cnn.onnx", model).replace("../models/fashion_surrogate.onnx", surrogate)
+    path = workdir / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+def score_dataset(clf, dataset, batch_size: int = 500) -> dict:
+    import torch
+
+    from advshield.plugin.pipeline import DefendedClassifier
+
+    assert isinstance(clf, DefendedClassifier)
+    labels = np.empty(len(dataset), np.int64)
+    t0 = time.perf_counter()
+    for i in range(0, len(dataset), batch_size):
+        labels[i : i + batch_size] = clf.predict(torch.from_numpy(dataset.as_float(i, i + batch_size)), seed=i).labels
+    seconds = time.perf_counter() - t0
+    correct = labels == dataset.labels
+    per_class = {dataset.classes[c]: float(correct[dataset.labels == c].mean()) for c in range(len(dataset.classes))}
+    return {"accuracy": float(correct.mean()), "per_class": per_class, "images": len(dataset),
+            "seconds": seconds, "images_per_second": len(dataset) / seconds}
+
+
+def cmd_demo(args) -> int:
+    from advshield.data import load_fashion_mnist
+    from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
+    from advshield.plugin.config import load_pipeline
+    from advshield.plugin.pipeline import DefendedClassifier
+
+    workdir = Path(args.workdir)
+    t_start = time.perf_counter()
+    summary: dict = {}
+    if not (args.reuse and (workdir / "fashion_cnn.onnx").is_file() and (workdir / "fashion_surrogate.onnx").is_file()):
+        print(f"[1/3] training the reference CNN and the transfer surrogate into {workdir}/")
+        summary["models"] = train_models(workdir, data_dir=args.data_dir, epochs=args.epochs)
+    pipeline = write_default_pipeline(workdir)
+    cfg = load_pipeline(pipeline)
+    test = load_fashion_mnist("test", args.data_dir)
+    print(f"[2/3] scoring the {len(test)} test images through the serving path ({pipeline})")
+    clf = DefendedClassifier.from_config(cfg)
+    summary["score"] = score_dataset(clf, test)
+    s = summary["score"]
+    print(f"      accuracy {s['accuracy']:.4f}  ({s['images_per_second']:.0f} images/s, {clf.classifier!r})")
+    worst = sorted(s["per_class"].items(), key=lambda kv: kv[1])[:3]
+    print("      hardest classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst))
+    print("[3/3] checking the differentiable twin against ONNX Runtime on real test images")
+    import torch
+
+    onnx_clf = clf.classifier if isinstance(clf.classifier, OnnxClassifier) else OnnxClassifier(cfg.model_path)
+    twin = TwinClassifier(cfg.model_path, reference=onnx_clf, tolerance=cfg.model.parity_tolerance,
+                          check_with=torch.from_numpy(test.as_float(0, 256)))
+    summary["twin_parity_max_abs_diff"] = twin.parity.max_abs_diff
+    print(f"      max |logit difference| {twin.parity.max_abs_diff:.3g} on {twin.parity.samples} inputs "
+          f"(tolerance {cfg.model.parity_tolerance:g})")
+    summary["checksums"] = cfg.checksums()
+    summary["seconds"] = time.perf_counter() - t_start
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done in {summary['seconds']:.0f} s; summary in {workdir / 'summary.json'}")
+    if s["accuracy"] < 0.9:
+        raise AdvshieldError(f"test accuracy {s['accuracy']:.4f} is below the expected 0.90")
+    return 0
+
+
+__all__ = ["ConfigError", "register"]

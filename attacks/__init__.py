@@ -1,0 +1,1 @@
+"""Audit: attacks as plain functions, BPDA/EOT wrappers, metrics, the audit runner and its report."""

@@ -1,0 +1,100 @@
+"""Attacks by name, with their kind and default hyper-parameters.
+
+* *budget* attacks take ``eps`` and stay inside the ball (FGSM, BIM, PGD): the audit runs them
+  over an eps grid and records success per eps;
+* *minimal* attacks return the smallest adversarial they found (C&W, DeepFool, DDN, BP): one run
+  gives each sample's distortion, hence the whole operating characteristic.
+
+``run_attack(name, model, inputs, labels, **hyper)`` merges the defaults with ``hyper``; an
+unknown hyper-parameter is a ConfigError naming it and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+
+from advshield.attacks.bp import bp
+from advshield.attacks.core import Model
+from advshield.attacks.cw import cw_l2
+from advshield.attacks.ddn import ddn
+from advshield.attacks.deepfool import deepfool
+from advshield.attacks.gradient import bim, fgsm, pgd
+from advshield.errors import ConfigError
+
+Kind = Literal["budget", "minimal"]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    kind: Kind
+    norm: Literal["linf", "l2"]  # the norm of its budget, or of the distortion it minimises
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    gradients: str = ""  # gradient evaluations per image, as a formula of the hyper-parameters
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        params = inspect.signature(self.fn).parameters
+        return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "targeted")
+
+    def hyper(self, **overrides: Any) -> dict[str, Any]:
+        allowed = self.hyper_names
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"attack {self.name!r}: unknown hyper-parameter{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
+            )
+        if "norm" in overrides and overrides["norm"] != self.norm:
+            raise ConfigError(f"attack {self.name!r} is an {self.norm} attack; norm={overrides['norm']!r} is not allowed")
+        merged = {**self.defaults, **overrides}
+        if self.kind == "budget" and "eps" not in merged:
+            raise ConfigError(f"attack {self.name!r} is a budget attack: it needs eps")
+        return merged
+
+
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    if spec.name in ATTACKS:
+        raise RuntimeError(f"attack {spec.name!r} registered twice")
+    ATTACKS[spec.name] = spec
+    return spec
+
+
+def get_attack(name: str) -> AttackSpec:
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]
+
+
+def run_attack(name: str, model: Model, inputs: torch.Tensor, labels: torch.Tensor, *,
+               targeted: bool = False, **hyper: Any) -> torch.Tensor:
+    spec = get_attack(name)
+    return spec.fn(model, inputs, labels, targeted=targeted, **spec.hyper(**hyper))
+
+
+def _p(d: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(d)
+
+
+for _spec in (
+    AttackSpec("fgsm", fgsm, "budget", "linf", _p({}), "1"),
+    AttackSpec("fgsm_l2", fgsm, "budget", "l2", _p({"norm": "l2"}), "1"),
+    AttackSpec("bim", bim, "budget", "linf", _p({"steps": 10}), "steps"),
+    AttackSpec("pgd_linf", pgd, "budget", "linf", _p({"steps": 40, "restarts": 1}), "steps * restarts (at most)"),
+    AttackSpec("pgd_l2", pgd, "budget", "l2", _p({"norm": "l2", "steps": 40, "restarts": 1}), "steps * restarts (at most)"),
+    AttackSpec("cw_l2", cw_l2, "minimal", "l2", _p({"binary_search_steps": 5, "steps": 20}), "binary_search_steps * steps"),
+    AttackSpec("deepfool", deepfool, "minimal", "l2", _p({"steps": 50, "overshoot": 0.02}), "candidates per iteration, <= steps"),
+    AttackSpec("ddn", ddn, "minimal", "l2", _p({"steps": 100, "init_eps": 1.0, "gamma": 0.05, "levels": 256}), "steps"),
+    AttackSpec("bp", bp, "minimal", "l2", _p({"steps": 100, "alpha": 2.0, "gamma_min": 0.7, "levels": 256}), "steps"),
+):
+    register_attack(_spec)

@@ -1,0 +1,1 @@
+"""Deployment: generated Triton model repositories and Kubernetes manifests."""

@@ -1,0 +1,183 @@
+"""advshield's client for a live scoring endpoint: advshield's own gRPC server or the generated
+Triton ensemble (same wire contract, ``advshield.plugin.protocol``), over ``tritonclient.grpc``.
+
+* ``RemoteClassifier``: satisfies the Classifier protocol (``input_shape``, ``num_classes``,
+  ``__call__(x) -> logits``). It sends ``PIXELS`` and returns **log-probabilities** of the
+  defended pipeline, i.e. logits up to a per-row constant (softmax, argmax and margin losses see
+  the same thing). No gradients: the server is a black box; a white-box attack needs the twin.
+* ``RemoteClassifier.predict`` / ``predict_bytes``: the same ``Prediction`` as the in-process
+  ``DefendedClassifier.predict`` (labels, probs, detector score/flag, seed): this is how the audit
+  and certification re-score through a live server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from advshield.errors import AdvshieldError, InputError
+from advshield.plugin import protocol as P
+from advshield.plugin.classifiers import validate_batch
+from advshield.plugin.pipeline import Prediction
+
+
+class RemoteError(AdvshieldError):
+    """The scoring server answered an error or cannot be reached; ``code`` is the gRPC status
+    name (e.g. ``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"``)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN", detail: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail or message  # the server's own message
+
+
+def _status_name(e: Exception) -> str:
+    status = e.status() if hasattr(e, "status") else None
+    return str(status).removeprefix("StatusCode.") if status else "UNKNOWN"
+
+
+def _message(e: Exception) -> str:
+    msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
+    return str(msg)
+
+
+class RemoteClassifier:
+    """A defended pipeline behind a KServe v2 gRPC endpoint ``url`` (``host:port``).
+
+    ``model``: the served model's name; default: the one ready model with the advshield wire
+    contract (input IMAGE, outputs PROBS and FLAGGED). ``token``: bearer token. ``ssl`` /
+    ``root_certificates``: TLS (a PEM file of the CA that signed the server's certificate).
+    ``timeout``: seconds per request. ``batch_size``: images per request (default: the server's
+    max_batch_size).
+    """
+
+    def __init__(self, url: str, model: str | None = None, *, token: str | None = None, ssl: bool = False,
+                 root_certificates: str | None = None, timeout: float = 30.0, batch_size: int | None = None) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.timeout = float(timeout)
+        self.headers = {P.AUTH_HEADER: f"Bearer {token}"} if token else None
+        ssl = ssl or root_certificates is not None
+        try:
+            self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+        except Exception as e:
+            raise RemoteError(f"cannot connect to {url}: {_message(e)}", "UNAVAILABLE") from None
+        self._grpc = grpcclient
+        live = self._call(self.client.is_server_live, client_timeout=min(self.timeout, 10.0))
+        if not live:
+            raise RemoteError(f"the server at {url} reports it is not live", "UNAVAILABLE")
+        self.model_name = model or self._discover()
+        meta = self._call(self.client.get_model_metadata, self.model_name, as_json=True)
+        config = self._call(self.client.get_model_config, self.model_name, as_json=True)["config"]
+        tensors = {t["name"]: t for t in meta.get("inputs", []) + meta.get("outputs", [])}
+        missing = [n for n in (P.INPUT_PIXELS, *P.OUTPUTS) if n not in tensors]
+        if missing:
+            raise RemoteError(f"model {self.model_name!r} at {url} lacks the advshield tensors {missing}", "NOT_FOUND")
+        c, h, w = (int(d) for d in tensors[P.INPUT_PIXELS]["shape"][1:])
+        self.input_shape = (c, h, w)
+        self.num_classes = int(tensors[P.OUTPUT_PROBS]["shape"][-1])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        names = json.loads(params.get(P.CONFIG_CLASS_NAMES) or "[]")
+        self.class_names = tuple(names) if len(names) == self.num_classes else tuple(map(str, range(self.num_classes)))
+        self.detector = params.get(P.CONFIG_DETECTOR, "")
+        self.random = params.get(P.CONFIG_RANDOM, "false") == "true"
+        self.max_batch_size = int(config.get("max_batch_size", 0) or 0) or 64
+        self.batch_size = min(batch_size or self.max_batch_size, self.max_batch_size)
+
+    # --- transport ---
+    def _call(self, fn, *args, **kwargs):
+        kwargs.setdefault("client_timeout", self.timeout)
+        try:
+            return fn(*args, headers=self.headers, **kwargs)
+        except self._grpc.InferenceServerException as e:
+            code, msg = _status_name(e), _message(e)
+            if code == "UNAVAILABLE" and "shutting down" not in msg:
+                raise RemoteError(f"cannot reach the scoring server at {self.url}: {msg} "
+                                  f"(is `advshield serve` or Triton running there?)", code) from None
+            raise RemoteError(f"{self.url}: {code}: {msg}", code, msg) from None
+
+    def _discover(self) -> str:
+        index = self._call(self.client.get_model_repository_index, as_json=True).get("models", [])
+        found = []
+        for m in index:
+            if m.get("state", "READY") != "READY":
+                continue
+            meta = self._call(self.client.get_model_metadata, m["name"], as_json=True)
+            names = {t["name"] for t in meta.get("inputs", []) + meta.get("outputs", [])}
+            if {P.INPUT_IMAGE, P.OUTPUT_PROBS, P.OUTPUT_FLAGGED} <= names:
+                found.append(m["name"])
+        if len(found) != 1:
+            raise RemoteError(f"{self.url}: {'no' if not found else 'several'} ready advshield models "
+                              f"({', '.join(found) or 'none'}); name one with model=...", "NOT_FOUND")
+        return found[0]
+
+    def _infer(self, name: str, datatype: str, data: np.ndarray, seed: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+        inp = self._grpc.InferInput(name, list(data.shape), datatype)
+        inp.set_data_from_numpy(data)
+        outputs = [self._grpc.InferRequestedOutput(n) for n in P.OUTPUTS]
+        params = {P.PARAM_SEED: int(seed)} if seed is not None else None
+        res = self._call(self.client.infer, self.model_name, [inp], outputs=outputs, parameters=params)
+        arrays = {n: res.as_numpy(n) for n in P.OUTPUTS}
+        resp = res.get_response()
+        used = int(resp.parameters[P.PARAM_SEED].int64_param) if P.PARAM_SEED in resp.parameters else None
+        return arrays, used
+
+    def _gather(self, chunks: list[tuple[str, str, np.ndarray]], seed: int | None) -> Prediction:
+        parts, seeds = [], []
+        for k, (name, datatype, data) in enumerate(chunks):
+            arrays, used = self._infer(name, datatype, data, None if seed is None else (seed + k) % P.SEED_LIMIT)
+            parts.append(arrays)
+            seeds.append(used)
+        probs = np.concatenate([p[P.OUTPUT_PROBS] for p in parts]).astype(np.float32)
+        labels = np.concatenate([p[P.OUTPUT_LABEL] for p in parts]).reshape(-1).astype(np.int64)
+        score = flagged = None
+        if self.detector:
+            score = np.concatenate([p[P.OUTPUT_SCORE] for p in parts]).reshape(-1).astype(np.float32)
+            flagged = np.concatenate([p[P.OUTPUT_FLAGGED] for p in parts]).reshape(-1).astype(bool)
+        return Prediction(labels, probs, score, flagged, seed=seeds[0] if seeds else None)
+
+    # --- public API ---
+    def predict(self, x: torch.Tensor | np.ndarray, seed: int | None = None) -> Prediction:
+        """Score pixels (float32 NCHW in [0, 1]). Batches larger than ``batch_size`` go out as
+        several requests; with ``seed``, request k uses ``seed + k`` (one request: exactly
+        ``seed``, reproducing ``DefendedClassifier.predict(x, seed)`` of a random pipeline)."""
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        validate_batch(arr, self.input_shape)
+        arr = np.ascontiguousarray(arr, np.float32)
+        chunks = [(P.INPUT_PIXELS, "FP32", arr[i : i + self.batch_size]) for i in range(0, len(arr), self.batch_size)]
+        return self._gather(chunks, seed)
+
+    def predict_bytes(self, images: list[bytes], seed: int | None = None) -> Prediction:
+        """Score encoded PNG/JPEG images (decoded by the server with the pipeline's input spec)."""
+        if not images:
+            raise InputError("predict_bytes: no images")
+        chunks = []
+        for i in range(0, len(images), self.batch_size):
+            part = images[i : i + self.batch_size]
+            data = np.empty((len(part), 1), dtype=np.object_)
+            for j, b in enumerate(part):
+                data[j, 0] = bytes(b)
+            chunks.append((P.INPUT_IMAGE, "BYTES", data))
+        return self._gather(chunks, seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, K] (float32, on x's device): logits up to a per-row constant."""
+        pred = self.predict(x)
+        logp = np.log(np.maximum(pred.probs, np.finfo(np.float32).tiny))
+        return torch.from_numpy(logp).to(x.device if isinstance(x, torch.Tensor) else "cpu")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RemoteClassifier:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteClassifier({self.url}, model={self.model_name!r})"

@@ -1,0 +1,280 @@
+"""The pipeline file: one TOML file that drives predict, fit, serve, audit, certify and deploy.
+
+Relative paths in the file are resolved against the file's own folder. Every table becomes a
+frozen dataclass; an unknown key or a bad value raises ``ConfigError`` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from advshield.configs import check, from_mapping, to_mapping
+from advshield.data import FASHION_CLASSES, MNIST_CLASSES
+from advshield.defenses.registry import parse_defense, parse_detector
+from advshield.errors import ArtifactError, ConfigError
+
+DATASET_CLASSES = {"fashion-mnist": FASHION_CLASSES, "mnist-5k": MNIST_CLASSES, "idx": MNIST_CLASSES}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    name: str = "classifier"  # also the served model name (Triton ensemble, gRPC server)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+            f"pipeline.name: {self.name!r} must be non-empty letters, digits, '-', '_' or '.'",
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    sha256: str = ""  # verified when given
+    surrogate: str = ""  # independently trained model for transfer attacks
+    parity_tolerance: float = 1e-3  # max |logit difference| between the twin and ONNX Runtime
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 = number of cores (at most 4)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "model.path: must name an ONNX file")
+        check(
+            self.sha256 == "" or (len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)),
+            f"model.sha256: {self.sha256!r} is not a lowercase hex sha256 (64 characters)",
+        )
+        check(self.parity_tolerance > 0, f"model.parity_tolerance: must be > 0, got {self.parity_tolerance}")
+        check(self.threads >= 0, f"model.threads: must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    resize: Literal["exact", "resize"] = "exact"  # exact: wrong size is an error; resize: bilinear
+    color: Literal["convert", "strict"] = "convert"  # strict: grey model rejects colour images
+    max_bytes: int = 4 << 20  # encoded size limit
+    max_pixels: int = 4096 * 4096  # decoded size limit (decompression bombs)
+
+    def __post_init__(self) -> None:
+        check(self.channels in (1, 3), f"input.channels: must be 1 or 3, got {self.channels}")
+        check(self.height >= 1 and self.width >= 1, f"input: height and width must be >= 1, got {self.height}x{self.width}")
+        check(self.max_bytes >= 64, f"input.max_bytes: must be >= 64, got {self.max_bytes}")
+        check(self.max_pixels >= self.height * self.width, f"input.max_pixels: must be >= height*width = {self.height * self.width}, got {self.max_pixels}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: Literal["fashion-mnist", "mnist-5k", "idx"] = "fashion-mnist"
+    directory: str = ""  # default: the Debian package's folder
+    classes: tuple[str, ...] = ()  # default: the data set's class names
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes or DATASET_CLASSES[self.dataset]
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    path: str
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "artifact path must not be empty")
+
+
+@dataclass(frozen=True)
+class DefenseEntry:
+    type: str
+    config: Any  # the registered frozen config dataclass
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Release gate thresholds; a threshold left at its default is not checked."""
+
+    min_clean_accuracy: float = 0.0
+    min_robust_accuracy: float = 0.0  # at every eps of the audit's grid up to gate_eps
+    gate_eps: float = 0.0
+    max_success_rate: float = 1.0  # P_suc of the strongest attack
+    min_median_distortion: float = 0.0  # median minimal L2 distortion (empirical upper bound)
+    min_certified_budget: float = 0.0  # certified L2 radius meeting the certified-accuracy target
+    certified_accuracy_target: float = 0.5
+    max_warnings: int = -1  # -1: warnings do not fail the gate
+
+    def __post_init__(self) -> None:
+        for name in ("min_clean_accuracy", "min_robust_accuracy", "max_success_rate", "certified_accuracy_target"):
+            v = getattr(self, name)
+            check(0.0 <= v <= 1.0, f"gate.{name}: must be within [0, 1], got {v}")
+        for name in ("gate_eps", "min_median_distortion", "min_certified_budget"):
+            check(getattr(self, name) >= 0, f"gate.{name}: must be >= 0, got {getattr(self, name)}")
+        check(self.max_warnings >= -1, f"gate.max_warnings: must be >= -1, got {self.max_warnings}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    root: Path  # folder of the pipeline file: relative paths resolve against it
+    source: Path | None
+    pipeline: PipelineInfo
+    model: ModelSpec
+    input: InputSpec
+    data: DataSpec
+    defenses: tuple[DefenseEntry, ...] = ()
+    detector: DefenseEntry | None = None
+    artifacts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    gate: GateSpec = field(default_factory=GateSpec)
+    extra: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # sections of later stages
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    @property
+    def model_path(self) -> Path:
+        return self.resolve(self.model.path)
+
+    @property
+    def surrogate_path(self) -> Path | None:
+        return self.resolve(self.model.surrogate) if self.model.surrogate else None
+
+    @property
+    def random(self) -> bool:
+        """True when any defense step is random (the audit then applies EOT)."""
+        return any(getattr(d.config, "random", False) for d in self.defenses)
+
+    def artifact_path(self, name: str) -> Path:
+        if name not in self.artifacts:
+            raise ConfigError(f"artifacts: no artifact named {name!r}; known: {', '.join(sorted(self.artifacts)) or 'none'}")
+        return self.resolve(self.artifacts[name].path)
+
+    def files(self) -> dict[str, tuple[Path, str]]:
+        """Every file the pipeline depends on: name -> (path, declared sha256 or '')."""
+        out = {"model": (self.model_path, self.model.sha256)}
+        if self.surrogate_path is not None:
+            out["surrogate"] = (self.surrogate_path, "")
+        for name, a in self.artifacts.items():
+            out[f"artifacts.{name}"] = (self.resolve(a.path), a.sha256)
+        return out
+
+    def checksums(self, verify: bool = True) -> dict[str, str]:
+        """sha256 of every file; with ``verify``, a declared sha256 that differs is an error."""
+        out = {}
+        for name, (path, declared) in self.files().items():
+            if not path.is_file():
+                hint = " (run `advshield fit` on the pipeline file to create it)" if name.startswith("artifacts.") else ""
+                raise ArtifactError(f"{name}: file not found: {path}{hint}")
+            digest = sha256_file(path)
+            if verify and declared and declared != digest:
+                raise ArtifactError(f"{name}: sha256 mismatch for {path}: file has {digest}, pipeline declares {declared}")
+            out[name] = digest
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "pipeline": to_mapping(self.pipeline),
+            "model": to_mapping(self.model),
+            "input": to_mapping(self.input),
+            "data": to_mapping(self.data),
+        }
+        if self.defenses:
+            d["defenses"] = [{"type": e.type, **to_mapping(e.config)} for e in self.defenses]
+        if self.detector is not None:
+            d["detector"] = {"type": self.detector.type, **to_mapping(self.detector.config)}
+        if self.artifacts:
+            d["artifacts"] = {k: to_mapping(v) for k, v in self.artifacts.items()}
+        d["gate"] = to_mapping(self.gate)
+        d.update(to_mapping(self.extra))
+        return d
+
+    def dumps(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+_SECTIONS = {"pipeline", "model", "input", "data", "defenses", "detector", "artifacts", "gate"}
+# Sections owned by later stages (validated by their own modules when used).
+EXTRA_SECTIONS = {"audit", "certify", "serve", "deploy", "fit"}
+
+
+def parse_pipeline(table: dict[str, Any], root: Path, source: Path | None = None) -> PipelineConfig:
+    unknown = sorted(set(table) - _SECTIONS - EXTRA_SECTIONS)
+    if unknown:
+        raise ConfigError(
+            f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(_SECTIONS | EXTRA_SECTIONS))}"
+        )
+    if "model" not in table:
+        raise ConfigError("missing required section [model] (with path = \"model.onnx\")")
+    defenses_raw = table.get("defenses", [])
+    if not isinstance(defenses_raw, list):
+        raise ConfigError("defenses: expected an array of tables ([[defenses]])")
+    defenses = tuple(
+        DefenseEntry(*parse_defense(spec, f"defenses[{i}]")) for i, spec in enumerate(defenses_raw)
+    )
+    detector = DefenseEntry(*parse_detector(table["detector"])) if "detector" in table else None
+    artifacts_raw = table.get("artifacts", {})
+    if not isinstance(artifacts_raw, dict):
+        raise ConfigError("artifacts: expected a table of {path, sha256} tables")
+    artifacts = MappingProxyType(
+        {k: from_mapping(ArtifactSpec, v, f"artifacts.{k}") for k, v in artifacts_raw.items()}
+    )
+    extra = MappingProxyType({k: table[k] for k in EXTRA_SECTIONS if k in table})
+    return PipelineConfig(
+        root=root,
+        source=source,
+        pipeline=from_mapping(PipelineInfo, table.get("pipeline", {}), "pipeline"),
+        model=from_mapping(ModelSpec, table["model"], "model"),
+        input=from_mapping(InputSpec, table.get("input", {}), "input"),
+        data=from_mapping(DataSpec, table.get("data", {}), "data"),
+        defenses=defenses,
+        detector=detector,
+        artifacts=artifacts,
+        gate=from_mapping(GateSpec, table.get("gate", {}), "gate"),
+        extra=extra,
+    )
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ConfigError(f"{path}: cannot read pipeline file ({e})") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        return parse_pipeline(table, path.resolve().parent, path.resolve())
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def loads_pipeline(text: str, root: str | Path = ".") -> PipelineConfig:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}") from None
+    return parse_pipeline(table, Path(root).resolve())

@@ -1,0 +1,65 @@
+"""The installed distribution exposes only the `advshield` namespace, and the console command works."""
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import advshield
+
+
+def _top_level_names(dist) -> set[str]:
+    names = set()
+    for f in dist.files or []:
+        parts = Path(str(f)).parts
+        if not parts or parts[0].endswith((".dist-info", ".egg-info")) or parts[0] in ("..", "bin"):
+            continue
+        if parts[0].startswith("__editable__"):
+            # editable install: the finder's mapping names the top-level packages
+            src = Path(str(dist.locate_file(f))).read_text() if str(f).endswith(".py") else ""
+            for line in src.splitlines():
+                if line.startswith("MAPPING"):
+                    names |= {k.split(".")[0] for k in eval(line.split("=", 1)[1])}  # literal dict
+            continue
+        if parts[0].endswith(".pth") or parts[0] == "__pycache__":
+            continue
+        names.add(parts[0].removesuffix(".py"))
+    return names
+
+
+def test_distribution_exposes_only_advshield():
+    dist = importlib.metadata.distribution("advshield")
+    names = _top_level_names(dist)
+    assert names == {"advshield"}, names
+    for sub in ("plugin", "defenses", "attacks", "deploy"):
+        mod = __import__(f"advshield.{sub}", fromlist=["x"])
+        assert mod.__name__ == f"advshield.{sub}"
+
+
+def test_wheel_contains_only_the_advshield_namespace(tmp_path):
+    """What `pip install .` installs: build the wheel and list its top-level entries."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("advshield-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"advshield"}, tops
+    for sub in ("plugin", "defenses", "attacks", "deploy", "commands"):
+        assert f"advshield/{sub}/__init__.py" in names
+    assert "advshield/models/fashion_cnn.onnx" in names
+    assert "advshield/pipelines/fashion_mnist.toml" in names
+
+
+def test_generic_names_are_not_importable_top_level():
+    code = "import importlib.util,sys; sys.exit(any(importlib.util.find_spec(n) for n in ('plugin','defenses','attacks','deploy')))"
+    # run from a neutral folder so the repository root is not on sys.path
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+
+
+def test_console_command():
+    out = subprocess.run(["advshield", "--version"], capture_output=True, text=True, check=True,
+                         env={"PATH": str(Path(sys.executable).parent)})
+    assert out.stdout.strip() == f"advshield {advshield.__version__}"
