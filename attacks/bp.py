@@ -145,7 +145,7 @@ def bp(
         t = rho + torch.sqrt((eps_in**2 - rn**2 + rho**2).clamp_min(0))
         z_in = y - bview(t, g) * g
         out = stage2 & adv
-        into = stage2 & ~adv
+        into = stage2 & ~adv & (rn > 0)  # rounding may have cancelled r: then Stage 1 again
         y_next = y1
         if bool(out.any()):
             y_next = torch.where(bview(out, y), q_out(z_out, y, inputs, levels), y_next)

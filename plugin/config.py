@@ -212,7 +212,7 @@ class PipelineConfig:
 
 _SECTIONS = {"pipeline", "model", "input", "data", "defenses", "detector", "artifacts", "gate"}
 # Sections owned by later stages (validated by their own modules when used).
-EXTRA_SECTIONS = {"audit", "certify", "serve", "deploy", "fit"}
+EXTRA_SECTIONS = {"audit", "certify", "serve", "deploy", "fit", "smoothing"}
 
 
 def parse_pipeline(table: dict[str, Any], root: Path, source: Path | None = None) -> PipelineConfig:
@@ -238,6 +238,10 @@ def parse_pipeline(table: dict[str, Any], root: Path, source: Path | None = None
         {k: from_mapping(ArtifactSpec, v, f"artifacts.{k}") for k, v in artifacts_raw.items()}
     )
     extra = MappingProxyType({k: table[k] for k in EXTRA_SECTIONS if k in table})
+    if "smoothing" in table:  # validated now, built by the defended classifier
+        from advshield.plugin.smoothing import SmoothingConfig
+
+        from_mapping(SmoothingConfig, table["smoothing"], "smoothing")
     return PipelineConfig(
         root=root,
         source=source,

@@ -28,7 +28,8 @@ class Prediction:
     probs: np.ndarray  # float32 [N, K]
     score: np.ndarray | None = None  # detector score [N]
     flagged: np.ndarray | None = None  # bool [N]
-    seed: int | None = None  # seed of the random defenses for this call
+    seed: int | None = None  # seed of the random defenses (or of the smoothing noise) for this call
+    radius: np.ndarray | None = None  # certified L2 radius [N] with [smoothing] (0 where ABSTAIN = -1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,6 +64,17 @@ def load_detector(cfg: PipelineConfig):
     return det
 
 
+def smoothing_config(cfg: PipelineConfig):
+    """The ``[smoothing]`` section (serving answers with smoothed predictions), or None."""
+    table = cfg.extra.get("smoothing")
+    if table is None:
+        return None
+    from advshield.configs import from_mapping
+    from advshield.plugin.smoothing import SmoothingConfig
+
+    return from_mapping(SmoothingConfig, table, "smoothing")
+
+
 class DefendedClassifier:
     """Defense steps in order, then the classifier. Deterministic unless a step is random.
 
@@ -81,6 +93,7 @@ class DefendedClassifier:
         self.input_shape = classifier.input_shape
         self.num_classes = classifier.num_classes
         self.config = config
+        self.smoothing = smoothing_config(config) if config is not None else None
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig | str | Path, classifier: Classifier | None = None) -> DefendedClassifier:
@@ -127,6 +140,8 @@ class DefendedClassifier:
     def predict(self, x: torch.Tensor | np.ndarray, seed: int | None = None) -> Prediction:
         x = torch.as_tensor(x)
         validate_batch(x, self.input_shape)
+        if self.smoothing is not None:
+            return self.predict_smoothed(x, seed)
         g = None
         if self.random:
             seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
@@ -142,6 +157,34 @@ class DefendedClassifier:
                 labels[flagged] = -1
         return Prediction(labels, probs, None if score is None else score.float().cpu().numpy(), flagged,
                           seed=seed if self.random else None)
+
+    @torch.no_grad()
+    def predict_smoothed(self, x: torch.Tensor, seed: int | None = None) -> Prediction:
+        """Randomized smoothing over this whole pipeline (``[smoothing]``): per image, CERTIFY's
+        class (label -1 = ABSTAIN) and certified L2 radius; ``probs`` are the vote shares of the
+        n noisy samples. Noise is added before the defenses."""
+        from dataclasses import replace
+
+        from advshield.plugin.smoothing import SmoothedClassifier
+
+        assert self.smoothing is not None
+        seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else int(seed)
+        g = torch.Generator().manual_seed(seed) if self.random else None
+        unchecked = getattr(self.classifier, "validate", None)
+        if unchecked is not None:
+            self.classifier.validate = False  # type: ignore[attr-defined]  # noisy inputs leave [0, 1]
+        try:
+            smoothed = SmoothedClassifier(lambda z: self.logits(z, g), self.num_classes,
+                                          replace(self.smoothing, seed=seed))
+            certs = [smoothed.certify(xi, index=i) for i, xi in enumerate(x)]
+        finally:
+            if unchecked is not None:
+                self.classifier.validate = unchecked  # type: ignore[attr-defined]
+        probs = np.stack([c.counts / c.counts.sum() for c in certs]).astype(np.float32)
+        labels = np.array([c.label for c in certs], np.int64)
+        radius = np.array([c.radius for c in certs], np.float32)
+        log.info("predict (smoothed, sigma=%g): %d images, seed %d", self.smoothing.sigma, len(x), seed)
+        return Prediction(labels, probs, seed=seed, radius=radius)
 
     def predict_bytes(self, images: list[bytes], seed: int | None = None) -> Prediction:
         """Decode (errors raised as ImageError naming the image index) and predict."""

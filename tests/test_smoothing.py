@@ -63,7 +63,10 @@ def test_fifty_fifty_classifier_abstains():
 
 def test_seeded_runs_are_reproducible_and_seeds_differ(onnx_classifier, test_batch):
     x = test_batch[0][:2]
-    mk = lambda seed: SmoothedClassifier(onnx_classifier, 10, SmoothingConfig(sigma=0.5, n0=20, n=200, seed=seed))  # noqa: E731
+    def base(z):
+        return torch.from_numpy(onnx_classifier.run(z.numpy()))  # noisy inputs: no [0, 1] check
+
+    mk = lambda seed: SmoothedClassifier(base, 10, SmoothingConfig(sigma=0.5, n0=20, n=200, seed=seed))  # noqa: E731
     a = [c.counts for c in mk(1).certify_batch(x, progress=False)]
     b = [c.counts for c in mk(1).certify_batch(x, progress=False)]
     c = [c.counts for c in mk(2).certify_batch(x, progress=False)]
@@ -89,3 +92,31 @@ def test_certified_accuracy_and_budget():
 def test_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):
         SmoothingConfig(**kw)
+
+
+def test_smoothed_serving_option(tmp_path, pipeline_path, fashion_test):
+    """A [smoothing] section makes predict answer CERTIFY's label and radius, reproducibly per seed."""
+    from advshield.plugin.config import load_pipeline
+    from advshield.plugin.pipeline import DefendedClassifier
+
+    text = pipeline_path.read_text().replace("../models/", f"{pipeline_path.parent.parent.as_posix()}/models/")
+    (tmp_path / "p.toml").write_text(text + "\n[smoothing]\nsigma = 0.25\nn0 = 20\nn = 200\nalpha = 0.001\n")
+    clf = DefendedClassifier.from_config(load_pipeline(tmp_path / "p.toml"))
+    x = torch.from_numpy(fashion_test.as_float(0, 4))
+    a, b = clf.predict(x, seed=5), clf.predict(x, seed=5)
+    assert a.radius is not None and a.seed == 5
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.radius, b.radius)
+    assert ((a.labels == ABSTAIN) == (a.radius == 0)).all()
+    assert (a.radius <= 0.25 * norm.ppf(0.001 ** (1 / 200)) + 1e-6).all()
+    np.testing.assert_allclose(a.probs.sum(1), 1.0, rtol=1e-6)
+    # the same answer as the certification code on the same base classifier and seed
+    s = SmoothedClassifier(clf.logits, 10, SmoothingConfig(sigma=0.25, n0=20, n=200, seed=5))
+    clf.classifier.validate = False
+    try:
+        assert s.certify(x[2], index=2).label == a.labels[2]
+    finally:
+        clf.classifier.validate = True
+    with pytest.raises(ConfigError, match="smoothing.sigma: must be > 0|smoothing: sigma: must be > 0"):
+        (tmp_path / "q.toml").write_text(text + "\n[smoothing]\nsigma = 0\n")
+        load_pipeline(tmp_path / "q.toml")

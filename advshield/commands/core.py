@@ -149,8 +149,13 @@ def cmd_predict(args) -> int:
         names = clf.class_names
         for i, name in enumerate(rows):
             order = np.argsort(-pred.probs[i])[: args.top]
-            rec = {"image": name, "label": int(pred.labels[i]), "class": names[pred.labels[i]] if pred.labels[i] >= 0 else "REJECTED",
+            none = "ABSTAIN" if pred.radius is not None else "REJECTED"
+            rec = {"image": name, "label": int(pred.labels[i]), "class": names[pred.labels[i]] if pred.labels[i] >= 0 else none,
                    "top": [{"class": names[j], "prob": round(float(pred.probs[i, j]), 6)} for j in order]}
+            if pred.radius is not None:
+                rec["certified_radius"] = float(pred.radius[i])
+            if pred.seed is not None:
+                rec["seed"] = pred.seed
             if pred.score is not None and pred.flagged is not None:
                 rec["detector_score"] = float(pred.score[i])
                 rec["flagged"] = bool(pred.flagged[i])
@@ -159,6 +164,8 @@ def cmd_predict(args) -> int:
             else:
                 top = "  ".join(f"{t['class']} {t['prob']:.3f}" for t in rec["top"])
                 flag = f"  [{'FLAGGED' if rec['flagged'] else 'ok'} {rec['detector_score']:.3f}]" if "flagged" in rec else ""
+                if "certified_radius" in rec:
+                    flag += f"  [certified L2 radius {rec['certified_radius']:.3f}]"
                 print(f"{name:<40} {rec['class']:<12} {top}{flag}")
     return 1 if errors else 0
 
