@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "advshield.commands.fit",  # fit
     "advshield.commands.serve",  # serve, score
     "advshield.commands.certify",  # certify
+    "advshield.commands.audit",  # audit
     "advshield.commands.deploy",  # deploy triton, deploy triton-env
 )
 

@@ -100,8 +100,9 @@ def bp(
     ``out_fallback``: what OUT does when the sphere S[x, eps] misses the tangent hyperplane
     (eps <= |rho|). 'project' is the thesis (relax the distortion: z = v*); 'shrink' relaxes the
     hyperplane instead and takes the point of S[x, eps] closest to y, x + eps r / ||r||. They
-    differ where r and g are collinear, e.g. on a linear model after Stage 1: there v* = y and
-    'project' cannot move, so thesis BP returns its first adversarial iterate."""
+    differ where r and g are nearly collinear, e.g. on a two-class linear model after Stage 1:
+    there v* = y and 'project' cannot move, so thesis BP returns its first adversarial iterate.
+    On the CNNs of ``benchmarks/attacks.py`` 'project' is as good or better."""
     check_inputs(inputs, labels, "bp")
     check_positive("bp", alpha=alpha, beta_min=beta_min)
     if steps < 1 or not 0 < gamma_min < 1 or (levels is not None and levels < 2):

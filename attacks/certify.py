@@ -20,7 +20,13 @@ import torch
 
 from advshield.configs import check, from_mapping
 from advshield.plugin.config import PipelineConfig
-from advshield.plugin.smoothing import ABSTAIN, SmoothedClassifier, SmoothingConfig, certified_accuracy, certified_budget
+from advshield.plugin.smoothing import (
+    ABSTAIN,
+    SmoothedClassifier,
+    SmoothingConfig,
+    certified_accuracy,
+    certified_budget,
+)
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 

@@ -195,21 +195,18 @@ def value_and_grad(
     decision logits returning [N]."""
     n = int(getattr(model, "eot_samples", 1))
     reject = bool(getattr(model, "reject_class", False))
-    total_loss = torch.zeros(x.shape[0], device=x.device)
-    total_grad = torch.zeros_like(x)
-    total_logits: torch.Tensor | None = None
+    draws = []
     for _ in range(n):
         xi = x.detach().requires_grad_(True)
         with torch.enable_grad():
             z = decision_logits(model(xi), labels, targeted, reject)
             val = loss(z) if callable(loss) else attack_loss(z, labels, targeted, loss)
             (g,) = torch.autograd.grad(val.sum(), xi)
-        total_loss += val.detach()
-        total_grad += g
-        total_logits = z.detach() if total_logits is None else total_logits + z.detach()
+        draws.append((val.detach(), g, z.detach()))
     _tally(model, n * int(x.shape[0]))
-    assert total_logits is not None
-    return total_loss / n, total_grad / n, total_logits / n
+    if n == 1:
+        return draws[0]
+    return tuple(torch.stack(parts).mean(0) for parts in zip(*draws))  # type: ignore[return-value]
 
 
 def jacobian(

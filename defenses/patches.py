@@ -90,9 +90,11 @@ class PatchReplacementConfig:
                 "faiss" or "torch" (batched brute force)
     gpu         use a GPU for k-means and search when faiss has one
     threads     faiss OpenMP threads for the search (0: min(4, cores)). 1 by default: faiss's
-                OpenMP runtime is not torch's, and on a small machine threads left spinning by
-                one stall the other (measured: the defense 1.8x slower with 2 than with 1)
-    fit_threads faiss OpenMP threads for k-means (0: min(4, cores))
+                OpenMP runtime is not torch's, and on a small or shared machine threads left
+                spinning by one stall the other (measured on 2 shared cores: the defense 1.8x
+                slower with 2 threads than with 1). Raise it on a many-core server.
+    fit_threads faiss OpenMP threads for k-means (0: min(4, cores)); 1 by default for the same
+                reason (measured on 2 shared cores: 8 slices of k-means 9x slower with 2 threads)
     chunk       patches per search call (bounds memory; not a per-patch loop)
     artifact    name of the codebook in the pipeline's [artifacts] table (kmeans)
     """
@@ -114,7 +116,7 @@ class PatchReplacementConfig:
     search: Literal["auto", "faiss", "torch"] = "auto"
     gpu: bool = True
     threads: int = 1
-    fit_threads: int = 0
+    fit_threads: int = 1
     chunk: int = 1 << 20
     artifact: str = ""
 
@@ -195,42 +197,43 @@ def _grid(n: int, cfg: PatchReplacementConfig) -> tuple[int, int, int]:
 def extract_patches(x: torch.Tensor, cfg: PatchReplacementConfig) -> torch.Tensor:
     """[N, C, H, W] -> patches [m, N * L, (2a+1)^2 d], one row per patch position of each slice.
 
-    A patch vector is laid out channel-major, (d, 2a+1, 2a+1), as ``torch.nn.functional.unfold``
-    writes it. Built as one strided view and one copy (no im2col: its per-image parallel regions
-    stall when the CPU cores are shared).
+    A patch vector is laid out (2a+1, 2a+1, d): rows, columns, then the slice's channels
+    innermost. Built as one copy of the padded feature into [m, N, H, W, d] and one copy of a
+    strided window view (no im2col: its per-image parallel regions stall when CPU cores are
+    shared, and channels innermost copies 2x faster).
     """
     n = x.shape[0]
     m = _slices(x, cfg.depth)
-    k, c = cfg.patch_size, cfg.stride
-    xs = _pad(x.reshape(n * m, cfg.depth, *x.shape[2:]), cfg)
-    win = xs.unfold(2, k, c).unfold(3, k, c)  # [N m, d, nh, nw, k, k] (a view)
+    k, c, d = cfg.patch_size, cfg.stride, cfg.depth
+    xs = _pad(x, cfg)
+    xl = xs.reshape(n, m, d, xs.shape[2], xs.shape[3]).permute(1, 0, 3, 4, 2).contiguous()  # [m, N, Hp, Wp, d]
+    win = xl.unfold(2, k, c).unfold(3, k, c)  # [m, N, nh, nw, d, k, k] (a view)
     nh, nw = win.shape[2], win.shape[3]
-    win = win.reshape(n, m, cfg.depth, nh, nw, k, k).permute(1, 0, 3, 4, 2, 5, 6)
-    return win.reshape(m, n * nh * nw, cfg.dim)
+    return win.permute(0, 1, 2, 3, 5, 6, 4).reshape(m, n * nh * nw, cfg.dim)
 
 
 def reconstruct(patches: torch.Tensor, shape: torch.Size | tuple[int, ...], cfg: PatchReplacementConfig) -> torch.Tensor:
     """Inverse of ``extract_patches``: overlapping patches are averaged (section 6.3.4).
 
-    Sums the patches into the padded slice with (2a+1)^2 strided adds (one per offset inside a
+    Sums the patches into the padded slices with (2a+1)^2 strided adds (one per offset inside a
     patch, each over every patch at once), divides by the number of patches covering each
-    position, and crops the padding.
+    position, crops the padding and concatenates the slices over channels.
     """
     n, ch, h, w = shape
     m, d, k, c = ch // cfg.depth, cfg.depth, cfg.patch_size, cfg.stride
     top, bottom, nh = _grid(h, cfg)
     left, right, nw = _grid(w, cfg)
     hp, wp = h + top + bottom, w + left + right
-    p = patches.reshape(m, n, nh, nw, d, k, k).permute(1, 0, 4, 2, 3, 5, 6)  # [N, m, d, nh, nw, k, k]
-    total = patches.new_zeros((n, m, d, hp, wp))
-    count = patches.new_zeros((hp, wp))
+    p = patches.reshape(m, n, nh, nw, k, k, d)
+    total = patches.new_zeros((m, n, hp, wp, d))
+    count = patches.new_zeros((hp, wp, 1))
     for u in range(k):
         for v in range(k):
             rows, cols = slice(u, u + c * (nh - 1) + 1, c), slice(v, v + c * (nw - 1) + 1, c)
-            total[:, :, :, rows, cols] += p[..., u, v]
+            total[:, :, rows, cols] += p[:, :, :, :, u, v]
             count[rows, cols] += 1
-    out = total / count
-    return out[..., top : top + h, left : left + w].reshape(n, ch, h, w)
+    out = (total / count)[:, :, top : top + h, left : left + w]  # [m, N, H, W, d]
+    return out.permute(1, 0, 4, 2, 3).reshape(n, ch, h, w)
 
 
 # --- replacement strategies (eq. 6.3-6.5) -------------------------------------------------------
@@ -291,9 +294,8 @@ def nearest_e8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 def e8_quantize_patches(patches: torch.Tensor, cfg: PatchReplacementConfig) -> torch.Tensor:
     """q(P) for the E8 quantizer: each spatial position's 8-channel vector goes to s E8."""
-    k2 = cfg.patch_size**2
-    v = patches.reshape(*patches.shape[:-1], cfg.depth, k2).transpose(-1, -2)  # [..., k2, 8]
-    return nearest_e8(v, cfg.scale).transpose(-1, -2).reshape(patches.shape)
+    v = patches.reshape(*patches.shape[:-1], cfg.patch_size**2, cfg.depth)  # [..., (2a+1)^2, 8]
+    return nearest_e8(v, cfg.scale).reshape(patches.shape)
 
 
 # --- codebooks and nearest-codeword search ----------------------------------------------------------
@@ -512,8 +514,9 @@ class PatchReplacement(Defense):
                        progress: bool | None = None) -> torch.Tensor:
         """Training patches [m, sample, dim] drawn uniformly from ``fit_images`` random images.
 
-        Features are computed ``batch`` images at a time; from each batch a share of the sample
-        proportional to its size is drawn without replacement (per slice).
+        Features are computed ``batch`` images at a time; from each batch, a share of the sample
+        proportional to its size is drawn without replacement, independently per slice, straight
+        from a strided view of the padded feature (only the drawn patches are copied).
         """
         from tqdm.auto import tqdm
 
@@ -525,16 +528,24 @@ class PatchReplacement(Defense):
             raise InputError("patch replacement fit: no training images")
         use = n if cfg.fit_images == 0 else min(n, cfg.fit_images)
         order = torch.randperm(n, generator=g)[:use].sort().values
-        quotas = np.diff(np.round(np.linspace(0, cfg.sample, -(-use // batch) + 1)).astype(np.int64))
+        ends = np.minimum(np.arange(0, use + batch, batch), use)
+        edges = np.round(ends * (cfg.sample / use)).astype(np.int64)
+        k, c = cfg.patch_size, cfg.stride
         parts = []
-        starts = range(0, use, batch)
-        bar = tqdm(starts, desc=f"patches ({cfg.layer})", unit="batch", disable=None if progress is None else not progress)
-        for b, s in zip(bar, quotas):
-            feats = self._features(images[order[b : b + batch]].float())
-            p = extract_patches(feats.float().cpu(), cfg)  # [m, P, dim]
-            take = int(min(s, p.shape[1]))
-            pick = torch.stack([torch.randperm(p.shape[1], generator=g)[:take] for _ in range(p.shape[0])])
-            parts.append(torch.gather(p, 1, pick.unsqueeze(-1).expand(-1, -1, cfg.dim)))
+        bar = tqdm(range(len(ends) - 1), desc=f"patches ({cfg.layer})", unit="batch",
+                   disable=None if progress is None else not progress)
+        for i in bar:
+            feats = self._features(images[order[ends[i] : ends[i + 1]]].float()).float().cpu()
+            b, m = feats.shape[0], _slices(feats, cfg.depth)
+            xs = _pad(feats, cfg)
+            xl = xs.reshape(b, m, cfg.depth, xs.shape[2], xs.shape[3]).permute(1, 0, 3, 4, 2)  # [m, b, Hp, Wp, d]
+            win = xl.unfold(2, k, c).unfold(3, k, c)  # [m, b, nh, nw, d, k, k], a view
+            nh, nw = win.shape[2], win.shape[3]
+            take = int(min(edges[i + 1] - edges[i], b * nh * nw))
+            idx = torch.stack([torch.randperm(b * nh * nw, generator=g)[:take] for _ in range(m)])  # [m, take]
+            img, pos = idx // (nh * nw), idx % (nh * nw)
+            picked = win[torch.arange(m).unsqueeze(1), img, pos // nw, pos % nw]  # [m, take, d, k, k]
+            parts.append(picked.permute(0, 1, 3, 4, 2).reshape(m, take, cfg.dim))  # (k, k, d) layout
         out = torch.cat(parts, 1)
         if out.shape[1] < cfg.codewords:
             raise ConfigError(
@@ -572,6 +583,7 @@ class PatchReplacement(Defense):
             slices=int(centroids.shape[0]),
             codewords=int(centroids.shape[1]),
             dim=int(centroids.shape[2]),
+            patch_layout="(2a+1, 2a+1, d): rows, columns, channels innermost",
             seed=seed,
             data_sha256=data_sha256,
             training_images=len(images),

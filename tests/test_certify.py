@@ -30,14 +30,15 @@ def test_certify_command_writes_records_summary_and_plot(tmp_path, pipeline_path
 def test_certify_spec_validation(pipeline_path):
     with pytest.raises(ConfigError, match=r"certify.models: 1 models for 2 sigmas"):
         CertifySpec(sigmas=(0.12, 0.25), models=("a.onnx",))
-    with pytest.raises(ConfigError, match="certify.radii: must be increasing"):
+    with pytest.raises(ConfigError, match=r"certify.radii: must be increasing"):
         CertifySpec(radii=(0.5, 0.25))
 
 
 def test_remote_certification_equals_in_process(tmp_path, pipeline_path, onnx_classifier, fashion_test):
     """Same seed, same noise: certifying through advshield's gRPC server gives the same records."""
-    from advshield.plugin.client import RemoteClassifier
     from server_helpers import start_server
+
+    from advshield.plugin.client import RemoteClassifier
 
     spec = CertifySpec(sigmas=(0.25,), n0=10, n=100, samples=3, batch_size=50, clip=True, seed=7)
     x, y = fashion_test.as_float(0, 3), fashion_test.labels[:3]

@@ -26,7 +26,8 @@ from advshield.defenses.patches import (
 from advshield.defenses.registry import build_defense, parse_defense
 from advshield.errors import ArtifactError, ConfigError, InputError
 
-SMALL = {"codewords": 256, "sample": 20_000, "fit_images": 2_000, "iterations": 10, "artifact": "cb"}
+# small enough for tests; one faiss thread (its OpenMP threads stall on shared cores)
+SMALL = {"codewords": 256, "sample": 20_000, "fit_images": 2_000, "iterations": 10, "artifact": "cb", "fit_threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +113,18 @@ def test_patches_reassemble_to_the_feature(radius, stride, depth, padding):
 
 
 def test_a_patch_is_the_window_of_its_slice():
-    """P_ijk = F_k(i-a:i+a, j-a:j+a), channel-major, centres on a grid of step c."""
+    """P_ijk = F_k(i-a:i+a, j-a:j+a), laid out (2a+1, 2a+1, d), centres on a grid of step c."""
     x = torch.randn(2, 6, 12, 12, generator=torch.Generator().manual_seed(1))
     cfg = PatchReplacementConfig(radius=1, stride=2, depth=3, **SMALL)
     p = extract_patches(x, cfg)  # [2 slices, N * L, 27]
     per_row = -(-(12 - 1) // 2) + 1  # centres 0, 2, ..., 12 (padded) -> 7 per row
-    n, k, i, j = 1, 1, 2, 3  # image 1, slice 1, centre row 2*2 = 4, col 3*2 = 6
+    n, k, i, j = 1, 1, 2, 3  # image 1, slice 1 (channels 3-5), centre (2*2, 3*2) = (4, 6)
     row = n * per_row * per_row + i * per_row + j
-    expected = x[n, 3:6, 4 - 1 : 4 + 2, 6 - 1 : 6 + 2].reshape(-1)
+    expected = x[n, 3:6, 4 - 1 : 4 + 2, 6 - 1 : 6 + 2].permute(1, 2, 0).reshape(-1)
     torch.testing.assert_close(p[k, row], expected)
+    corner = x[0, 0:3, :2, :2]  # centre (0, 0): the replicate padding repeats row and column 0
+    padded = torch.nn.functional.pad(corner.unsqueeze(0), (1, 0, 1, 0), mode="replicate")[0]
+    torch.testing.assert_close(p[0, 0], padded.permute(1, 2, 0).reshape(-1))
 
 
 def test_channels_must_split_into_slices():
@@ -326,6 +330,20 @@ def test_feature_layer_fit_needs_the_head(train_images, tmp_path):
     assert json.loads((tmp_path / "f.npy.meta.json").read_text())["layer"] == "relu"
     f = torch.relu(conv(train_images[:4])).detach()
     assert d.transform(f).shape == f.shape
+
+
+def test_sampled_training_patches_are_patches_of_their_slice(train_images):
+    cfg = PatchReplacementConfig(**{**SMALL, "layer": "feat", "depth": 2, "radius": 1, "stride": 2, "codewords": 8,
+                                    "sample": 600, "fit_images": 30})
+    d = build(cfg)
+    d.bind_features(lambda x: torch.cat([x, 1 - x, x.square(), x.flip(-1)], 1))
+    sampled = d.sample_patches(train_images[:50], seed=3, batch=7)  # several batches of unequal size
+    assert sampled.shape == (2, 600, 18)
+    every = extract_patches(d.features(train_images[:50]), cfg)  # all patches of all 50 images
+    for k in range(2):
+        dist = torch.cdist(sampled[k].double(), every[k].double(), compute_mode="donot_use_mm_for_euclid_dist")
+        assert float(dist.min(1).values.max()) == 0.0  # each one is a patch of slice k
+        assert float(torch.cdist(sampled[k].double(), every[1 - k].double()).min(1).values.max()) > 0
 
 
 def test_fit_is_deterministic_for_a_seed(train_images, tmp_path):

@@ -117,6 +117,6 @@ def test_smoothed_serving_option(tmp_path, pipeline_path, fashion_test):
         assert s.certify(x[2], index=2).label == a.labels[2]
     finally:
         clf.classifier.validate = True
-    with pytest.raises(ConfigError, match="smoothing.sigma: must be > 0|smoothing: sigma: must be > 0"):
+    with pytest.raises(ConfigError, match=r"smoothing.sigma: must be > 0|smoothing: sigma: must be > 0"):
         (tmp_path / "q.toml").write_text(text + "\n[smoothing]\nsigma = 0\n")
         load_pipeline(tmp_path / "q.toml")

@@ -6,8 +6,10 @@ permutation of it gives, in this order, ``samples`` images for the defenses that
 images on which the detector's threshold is calibrated at its target false-positive rate.
 
 Each defense with ``needs_fit`` is fitted in pipeline order on the images as the serving path
-hands them to it (passed through the image-layer steps before it; feature-layer defenses on the
-output of all image-layer steps, their features computed by the model's head). The detector is
+hands them to it (passed through the image-layer steps before it). Feature-layer defenses see the
+head's features of images passed through the image-layer steps that learn nothing: as in the
+thesis (section 6.4.4), the codebooks of stacked layers are learnt independently, each on clean
+data, not on the output of another replacement. The detector is
 calibrated on scores of the whole pipeline (defenses, then the stacked squeezer call). Artifacts go
 to the paths of the pipeline's ``[artifacts]`` entries, each with a ``.meta.json`` sidecar
 (sha256, parameters, training-data sha256); their sha256s are printed to pin in the pipeline file.
@@ -149,7 +151,10 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
         for i, d in enumerate(steps):
             if not d.needs_fit:
                 continue
-            before = image_steps[: image_steps.index(d)] if d in image_steps else image_steps
+            if d in image_steps:
+                before = image_steps[: image_steps.index(d)]
+            else:  # feature layer: codebooks of stacked layers are learnt independently (thesis 6.4.4),
+                before = [s for s in image_steps if not s.needs_fit]  # not on replaced images
             x = _apply(before, images, spec, progress, f"steps before {d.name}")
             paths = {name: cfg.artifact_path(name) for name in d.artifact_names}
             kwargs: dict[str, Any] = {"seed": spec.seed, "data_sha256": data_sha}

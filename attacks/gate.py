@@ -1,0 +1,138 @@
+"""The release gate: the pipeline file's ``[gate]`` thresholds against the audit's metrics.
+
+A threshold left at its default is not checked. A threshold that is set but cannot be measured
+(no minimal attack for the median distortion, no certification for the certified budget, no eps of
+the grid up to ``gate_eps``) fails, naming what is missing: a gate never passes on missing data.
+
+* ``min_clean_accuracy``: clean accuracy of the serving path on the audited samples;
+* ``min_robust_accuracy``: robust accuracy (every attack) at every eps of the ``gate_norm`` grid
+  up to ``gate_eps`` (the audit adds ``gate_eps`` to its grid);
+* ``max_success_rate``: success rate of the attacks among the correct samples within the gate's
+  budget: at ``gate_eps`` in ``gate_norm`` when set, else within L2 distortion ``d_upp`` (P_upp);
+* ``min_median_distortion``: median over the correct samples of the least L2 distortion the
+  white-box minimal attacks found (inf where none succeeded): the empirical upper bound;
+* ``min_certified_budget``: largest certified radius (best sigma) whose certified accuracy meets
+  ``certified_accuracy_target``: the lower bound;
+* ``max_warnings``: number of masking warnings (-1: not checked).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from advshield.attacks.audit import DIST_TOL
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    threshold: Any
+    value: Any
+    passed: bool | None  # None: threshold not set
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    checks: tuple[GateCheck, ...]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail or f"{c.name}: {c.value} vs {c.threshold}" for c in self.checks if c.passed is False]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": self.reasons, "checks": [asdict(c) for c in self.checks]}
+
+
+def _r(v: Any) -> Any:
+    return round(v, 4) if isinstance(v, float) and math.isfinite(v) else v
+
+
+def evaluate_gate(gate: Any, metrics: Mapping[str, Any], *, gate_norm: str = "linf", warnings: int = 0,
+                  budget: Mapping[str, Any] | None = None) -> GateResult:
+    """Check every set threshold of ``gate`` (a ``GateSpec``) against ``metrics``
+    (``advshield.attacks.report.compute_metrics``) and the distortion ``budget`` section."""
+    checks: list[GateCheck] = []
+
+    def add(name: str, threshold: Any, value: Any, ok: bool | None, detail: str = "") -> None:
+        checks.append(GateCheck(name, threshold, _r(value), ok, detail if ok is False else ""))
+
+    # clean accuracy
+    v = metrics["clean_accuracy"]
+    if gate.min_clean_accuracy > 0:
+        add("min_clean_accuracy", gate.min_clean_accuracy, v, v >= gate.min_clean_accuracy,
+            f"clean accuracy {v:.4f} < {gate.min_clean_accuracy}")
+    else:
+        add("min_clean_accuracy", "-", _r(v), None)
+
+    # robust accuracy at every eps up to gate_eps
+    t = metrics["robust_accuracy"][gate_norm]
+    upto = [(e, a) for e, a in zip(t["eps"], t["all attacks"]) if e <= gate.gate_eps + DIST_TOL]
+    if gate.min_robust_accuracy > 0:
+        if not upto:
+            add("min_robust_accuracy", gate.min_robust_accuracy, None, False,
+                f"min_robust_accuracy is set but no {gate_norm} eps of the grid is <= gate_eps = {gate.gate_eps}")
+        else:
+            e, worst = min(upto, key=lambda ea: ea[1])
+            add(f"min_robust_accuracy ({gate_norm} eps <= {gate.gate_eps:g})", gate.min_robust_accuracy, worst,
+                worst >= gate.min_robust_accuracy,
+                f"robust accuracy {worst:.4f} at {gate_norm} eps = {e:g} < {gate.min_robust_accuracy}")
+    elif upto:
+        add(f"min_robust_accuracy ({gate_norm} eps <= {gate.gate_eps:g})", "-", min(a for _, a in upto), None)
+
+    # success rate within the gate budget
+    if gate.gate_eps > 0:
+        at = [s for e, s in zip(t["eps"], t["success_rate"]) if abs(e - gate.gate_eps) <= DIST_TOL]
+        where = f"{gate_norm} eps = {gate.gate_eps:g}"
+        rate = at[0] if at else None
+    else:
+        best = metrics.get("best_minimal")
+        rate = best.get("p_upp") if best else None
+        where = f"L2 distortion <= d_upp = {best.get('d_upp') if best else '?'}"
+    if gate.max_success_rate < 1:
+        if rate is None or (isinstance(rate, float) and math.isnan(rate)):
+            add(f"max_success_rate ({where})", gate.max_success_rate, None, False,
+                f"max_success_rate is set but no success rate was measured at {where}")
+        else:
+            add(f"max_success_rate ({where})", gate.max_success_rate, rate, rate <= gate.max_success_rate,
+                f"attack success rate {rate:.4f} at {where} > {gate.max_success_rate}")
+    else:
+        add(f"max_success_rate ({where})", "-", rate, None)
+
+    # empirical upper bound: median minimal distortion
+    best = metrics.get("best_minimal")
+    med = best["median_distortion"] if best else None
+    if gate.min_median_distortion > 0:
+        if med is None or (isinstance(med, float) and math.isnan(med)):
+            add("min_median_distortion", gate.min_median_distortion, None, False,
+                "min_median_distortion is set but the audit ran no white-box minimal attack (ddn, bp, cw_l2)")
+        else:
+            add("min_median_distortion", gate.min_median_distortion, med, med >= gate.min_median_distortion,
+                f"median minimal L2 distortion {med:.4f} < {gate.min_median_distortion}")
+    else:
+        add("min_median_distortion", "-", med, None)
+
+    # certified lower bound
+    cb = budget.get("best_certified_budget") if budget else None
+    if gate.min_certified_budget > 0:
+        if cb is None:
+            add(f"min_certified_budget (target {gate.certified_accuracy_target:g})", gate.min_certified_budget, None, False,
+                "min_certified_budget is set but there are no certification results (run with --certify or --certify-dir)")
+        else:
+            add(f"min_certified_budget (target {gate.certified_accuracy_target:g})", gate.min_certified_budget, cb,
+                cb >= gate.min_certified_budget,
+                f"certified budget {cb:g} at certified accuracy {gate.certified_accuracy_target} < {gate.min_certified_budget}")
+    else:
+        add(f"min_certified_budget (target {gate.certified_accuracy_target:g})", "-", cb, None)
+
+    # warnings
+    if gate.max_warnings >= 0:
+        add("max_warnings", gate.max_warnings, warnings, warnings <= gate.max_warnings,
+            f"{warnings} masking warning(s) > {gate.max_warnings}")
+    else:
+        add("max_warnings", "-", warnings, None)
+    return GateResult(all(c.passed is not False for c in checks), tuple(checks))

@@ -1,0 +1,181 @@
+"""Gradient-masking checks (Athalye, Carlini and Wagner 2018; Carlini et al. 2019, "On evaluating
+adversarial robustness"), reported as warnings next to the audit's numbers.
+
+Each check reads the audit's records or its probes (``advshield.attacks.audit.run_probes``) and
+returns warnings; a warning says the numbers may *overestimate* robustness:
+
+* ``random_without_eot``: the serving path is random (declared, or two seeds give different
+  scores) and the white-box attacks averaged no EOT draws;
+* ``zero_gradients``: the input gradient of the logit margin through the attack model is zero on
+  some correct samples (a step function treated as differentiable, shattered gradients);
+* ``vanishing_gradients``: the cross-entropy gradient underflows (softmax saturated) on many
+  samples: cross-entropy attacks (FGSM, PGD-CE, DDN) barely move; a margin loss does not saturate;
+* ``transfer_beats_white_box`` / ``single_step_beats_iterative``: an attack that knows less (crafted
+  on a surrogate) or searches less (one step) broke samples that the white-box iterative attacks
+  tried and failed on, at the same budget;
+* ``unbounded_not_100``: an attack without (or with a huge) budget did not break every sample;
+* ``non_adaptive``: the attacks ignored the pipeline's defenses (``adaptive = "off"``);
+* ``certificate_violated``: an attack found, on the smoothed classifier, an adversarial example
+  inside the radius certified for that sample (a bug, or the certificate's alpha failure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+ZERO_GRAD = 1e-12  # an input-gradient L2 norm at or below this is zero
+VANISHING_CE_GRAD = 1e-8  # a cross-entropy gradient norm below this has underflowed
+VANISHING_SHARE = 0.1  # share of samples with a vanished CE gradient before the check warns
+ITERATIVE = ("pgd", "bim")  # registered attack functions that iterate
+SINGLE_STEP = ("fgsm",)
+
+
+@dataclass(frozen=True)
+class MaskingWarning:
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "details": dict(self.details)}
+
+
+def check_randomness(probes: Mapping[str, Any]) -> list[MaskingWarning]:
+    mode, rnd = probes.get("mode", {}), probes.get("randomness", {})
+    random = bool(rnd.get("random") or rnd.get("declared") or mode.get("random_declared") or mode.get("random_measured"))
+    eot = int(mode.get("eot_samples", 1))
+    if random and eot <= 1:
+        return [MaskingWarning(
+            "random_without_eot",
+            f"the pipeline is random (two seeds differ by up to {rnd.get('max_prob_diff', float('nan')):.3g} in "
+            f"probability) but the white-box attacks used no EOT (eot_samples = {eot}, adaptive = "
+            f"{mode.get('adaptive')!r}): the attacks chase one random draw, so robustness is overestimated; "
+            f"audit with adaptive = \"auto\" or eot_samples >= 10",
+            {"max_prob_diff": rnd.get("max_prob_diff"), "eot_samples": eot})]
+    return []
+
+
+def check_gradients(probes: Mapping[str, Any], tolerance: float) -> list[MaskingWarning]:
+    g = probes.get("gradients")
+    if not g or not g.get("samples"):
+        return []
+    out = []
+    m = np.asarray(g["margin_grad_norm"], dtype=np.float64)
+    ce = np.asarray(g["ce_grad_norm"], dtype=np.float64)
+    zero = float(np.mean(m <= ZERO_GRAD))
+    if zero > tolerance:
+        out.append(MaskingWarning(
+            "zero_gradients",
+            f"the input gradient of the logit margin is zero on {zero:.0%} of {len(m)} correct samples "
+            f"(median norm {np.median(m):.3g}): gradient attacks cannot move there; a non-differentiable "
+            f"step is probably differentiated as if it were smooth; declare it non-differentiable (BPDA)",
+            {"zero_share": zero, "median_margin_grad_norm": float(np.median(m))}))
+    vanish = float(np.mean((ce < VANISHING_CE_GRAD) & (m > ZERO_GRAD)))  # zero margin gradients: warned above
+    if vanish > VANISHING_SHARE:
+        out.append(MaskingWarning(
+            "vanishing_gradients",
+            f"the cross-entropy gradient is below {VANISHING_CE_GRAD:g} on {vanish:.0%} of {len(ce)} correct "
+            f"samples (saturated softmax): cross-entropy attacks (FGSM, PGD, DDN) barely move there; rerun "
+            f"them with loss = \"margin\"",
+            {"vanished_share": vanish, "median_ce_grad_norm": float(np.median(ce))}))
+    return out
+
+
+def _tried(records: Iterable[Mapping[str, Any]], pick) -> dict[tuple[int, str, float], bool]:
+    """(sample, norm, eps) -> whether any picked budget record there succeeded."""
+    out: dict[tuple[int, str, float], bool] = {}
+    for r in records:
+        if r["kind"] == "budget" and pick(r):
+            key = (r["sample"], r["norm"], round(r["eps"], 10))
+            out[key] = out.get(key, False) or bool(r["success"])
+    return out
+
+
+def check_weaker_attacks(records: list[Mapping[str, Any]], correct: int, tolerance: float) -> list[MaskingWarning]:
+    """Transfer (or single-step) successes at (sample, eps) where white-box iterative attacks of
+    the same norm had tried that sample at that eps and failed."""
+    out = []
+    white = _tried(records, lambda r: r["source"] == "white-box")
+    iterative = _tried(records, lambda r: r["source"] == "white-box" and r["name"].startswith(ITERATIVE))
+    for code, weak, strong, what, whom in (
+        ("transfer_beats_white_box", lambda r: r["source"] == "transfer", white,
+         "transfer attacks crafted on the surrogate", "white-box attacks"),
+        ("single_step_beats_iterative", lambda r: r["source"] == "white-box" and r["name"].startswith(SINGLE_STEP),
+         iterative, "single-step attacks", "iterative white-box attacks (PGD, BIM)"),
+    ):
+        beaten: dict[tuple[str, float], set[int]] = {}
+        for r in records:
+            if r["kind"] != "budget" or not r["success"] or not weak(r):
+                continue
+            key = (r["sample"], r["norm"], round(r["eps"], 10))
+            if strong.get(key) is False:
+                beaten.setdefault((r["norm"], r["eps"]), set()).add(r["sample"])
+        samples = set().union(*beaten.values()) if beaten else set()
+        share = len(samples) / correct if correct else 0.0
+        if samples and share > tolerance:
+            where = ", ".join(f"{n} eps={e:g}: {len(s)}" for (n, e), s in sorted(beaten.items()))
+            out.append(MaskingWarning(
+                code,
+                f"{what} broke {len(samples)} sample(s) ({share:.1%} of the correct ones) that {whom} had "
+                f"tried and failed on at the same budget ({where}): the white-box gradients are unreliable "
+                f"(masking) or the white-box attacks are too weak",
+                {"samples": sorted(samples), "share": share, "by_eps": {f"{n}:{e:g}": sorted(s) for (n, e), s in beaten.items()}}))
+    return out
+
+
+def check_unbounded(records: list[Mapping[str, Any]], tolerance: float) -> list[MaskingWarning]:
+    """The sanity attack (huge budget) and the white-box minimal attacks (no budget) should break
+    every correctly classified sample they attack."""
+    out = []
+    groups: dict[str, list[bool]] = {}
+    for r in records:
+        if r["source"] == "sanity" or (r["kind"] == "minimal" and r["source"] == "white-box"):
+            groups.setdefault(r["attack"], []).append(bool(r["success"]))
+    for attack, s in groups.items():
+        rate = float(np.mean(s))
+        if rate < 1 - tolerance:
+            out.append(MaskingWarning(
+                "unbounded_not_100",
+                f"{attack} broke {rate:.1%} of the {len(s)} samples it attacked; with no (or a huge) budget every "
+                f"sample should fall: the attack is stuck (masked or vanishing gradients, too few steps, "
+                f"randomness without EOT, or a detector it cannot evade)",
+                {"attack": attack, "success_rate": rate, "attacked": len(s)}))
+    return out
+
+
+def check_non_adaptive(probes: Mapping[str, Any]) -> list[MaskingWarning]:
+    mode = probes.get("mode", {})
+    if mode.get("adaptive") == "off" and (mode.get("defenses") or mode.get("detector")):
+        return [MaskingWarning(
+            "non_adaptive",
+            "non-adaptive audit: the attacks were crafted on the bare classifier and ignore the defenses "
+            "and the detector; only an adaptive audit (BPDA, EOT, detector-aware) bounds the pipeline's robustness",
+            {"defenses": mode.get("defenses"), "detector": mode.get("detector")})]
+    return []
+
+
+def check_certificates(violations: list[Mapping[str, Any]]) -> list[MaskingWarning]:
+    if not violations:
+        return []
+    return [MaskingWarning(
+        "certificate_violated",
+        f"{len(violations)} adversarial example(s) change the smoothed classifier's prediction inside the "
+        f"radius certified for their sample: a certification bug, or one of its alpha failures",
+        {"violations": list(violations)})]
+
+
+def masking_warnings(records: list[Mapping[str, Any]], probes: Mapping[str, Any], tolerance: float,
+                     violations: list[Mapping[str, Any]] | None = None) -> list[MaskingWarning]:
+    correct = sum(1 for r in records if r["attack"] == "clean" and r["correct"])
+    return [
+        *check_non_adaptive(probes),
+        *check_randomness(probes),
+        *check_gradients(probes, tolerance),
+        *check_weaker_attacks(records, correct, tolerance),
+        *check_unbounded(records, tolerance),
+        *check_certificates(violations or []),
+    ]

@@ -1,0 +1,160 @@
+"""Audit metrics against values computed by hand from a small hand-made record set, and the
+rendered report (report.json without NaN, report.md, plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from advshield.attacks.audit import AuditSpec
+from advshield.attacks.report import build_report, compute_metrics, distortion_budget, jsonable, write_report
+from advshield.configs import from_mapping
+
+SPEC = from_mapping(AuditSpec, {"eps_linf": [0.05, 0.1, 0.2], "eps_l2": [0.5, 1.0, 2.0], "d_upp": 1.0,
+                                "quantiles": [0.25, 0.5, 0.9]}, "audit")
+MODE = {"detector_threshold": 0.5, "detector_fpr_target": 0.05, "adaptive": "auto"}
+
+
+def rec(sample, attack, *, kind="minimal", source="white-box", eps=None, norm="l2", success=False, l2=0.0, linf=0.0,
+        adv_pred=None, flagged=False, valid=True, label=None, grads=0.0, seconds=0.0, name=None):
+    label = sample % 10 if label is None else label
+    if adv_pred is None:
+        adv_pred = (label + 1) % 10 if success else label
+    return {"sample": sample, "attack": attack, "name": name or attack, "source": source, "kind": kind, "norm": norm,
+            "eps": eps, "batch": 0, "label": label, "clean_pred": label, "correct": True, "adv_pred": adv_pred,
+            "flagged": flagged, "score": 0.9 if flagged else 0.1, "valid": valid,
+            "reason": "valid" if valid else "outside the budget", "success": success, "l2": l2, "linf": linf,
+            "gradients": grads, "seconds": seconds, "seed": None}
+
+
+def clean(sample, correct=True, flagged=False):
+    r = rec(sample, "clean", kind="clean", source="clean", norm=None)
+    r.update(adv_pred=None, correct=correct, flagged=flagged, clean_pred=r["label"] if correct else (r["label"] + 1) % 10)
+    return r
+
+
+# six samples; #5 is misclassified without attack (N' = 6, N = 5); #1 is a detector false positive
+RECORDS = [
+    *(clean(s) for s in range(5)), clean(5, correct=False), ]
+RECORDS[1]["flagged"] = True
+RECORDS += [
+    # DDN (minimal, white-box): breaks 0, 1, 3, 4; fails on 2 (fooled the classifier but was flagged)
+    rec(0, "ddn", success=True, l2=0.5, linf=0.1, grads=100, seconds=0.2),
+    rec(1, "ddn", success=True, l2=1.5, linf=0.3, grads=100, seconds=0.2),
+    rec(2, "ddn", success=False, l2=9.0, linf=0.9, adv_pred=7, flagged=True, grads=100, seconds=0.2),
+    rec(3, "ddn", success=True, l2=1.0, linf=0.2, grads=100, seconds=0.2),
+    rec(4, "ddn", success=True, l2=2.0, linf=0.4, grads=100, seconds=0.2),
+    # BP (minimal, white-box): breaks 0, 2, 3
+    rec(0, "bp", success=True, l2=0.4, linf=0.15, grads=100, seconds=0.1),
+    rec(1, "bp", success=False, l2=0.0),
+    rec(2, "bp", success=True, l2=3.0, linf=0.5),
+    rec(3, "bp", success=True, l2=1.2, linf=0.25),
+    rec(4, "bp", success=False, l2=0.0),
+    # PGD L-inf (budget): at 0.05 breaks 0; #4 cheats (outside the budget: a failure); at 0.1 breaks 2
+    rec(0, "pgd_linf", kind="budget", norm="linf", eps=0.05, success=True, l2=0.8, linf=0.05, grads=40, seconds=0.1),
+    rec(2, "pgd_linf", kind="budget", norm="linf", eps=0.05, success=False, grads=40, seconds=0.1),
+    rec(4, "pgd_linf", kind="budget", norm="linf", eps=0.05, success=False, valid=False, adv_pred=3, l2=5.0, linf=0.6,
+        grads=40, seconds=0.1),
+    rec(2, "pgd_linf", kind="budget", norm="linf", eps=0.1, success=True, l2=1.1, linf=0.1, grads=40, seconds=0.1),
+    rec(4, "pgd_linf", kind="budget", norm="linf", eps=0.1, success=False, grads=40, seconds=0.1),
+    # transfer PGD at 0.1 breaks 4
+    rec(4, "transfer_pgd_linf", kind="budget", norm="linf", eps=0.1, source="transfer", success=True, l2=0.7,
+        linf=0.09, name="pgd_linf", grads=40, seconds=0.1),
+]
+
+
+@pytest.fixture(scope="module")
+def m():
+    return compute_metrics(RECORDS, SPEC, MODE)
+
+
+def test_clean_accuracy_and_counts(m):
+    assert (m["samples"], m["correct"]) == (6, 5)
+    assert m["clean_accuracy"] == pytest.approx(5 / 6)
+
+
+def test_robust_accuracy_is_the_union_over_attacks_within_eps(m):
+    # least successful L-inf distortion per sample: #0 0.05, #1 0.3, #2 0.1, #3 0.2, #4 0.09 (transfer)
+    ra = m["robust_accuracy"]["linf"]
+    assert ra["eps"] == [0.05, 0.1, 0.2]
+    assert ra["all attacks"] == pytest.approx([4 / 6, 2 / 6, 1 / 6])  # "<= eps" is inclusive
+    assert ra["white-box"] == pytest.approx([4 / 6, 3 / 6, 2 / 6])  # #4 only falls to the transfer attack (0.4 by DDN)
+    assert ra["success_rate"] == pytest.approx([1 / 5, 3 / 5, 4 / 5])
+    # least L2: #0 0.4, #1 1.5, #2 1.1, #3 1.0, #4 0.7
+    assert m["robust_accuracy"]["l2"]["all attacks"] == pytest.approx([4 / 6, 2 / 6, 0.0])
+
+
+def test_minimal_attack_statistics(m):
+    ddn = m["attacks"]["ddn"]
+    assert ddn["p_suc"] == pytest.approx(4 / 5)
+    assert ddn["mean_distortion"] == pytest.approx((0.5 + 1.5 + 1.0 + 2.0) / 4)  # over the successes only
+    assert ddn["median_distortion"] == 1.5  # of 0.5, 1.0, 1.5, 2.0, inf
+    assert ddn["quantiles"] == {"0.25": 1.0, "0.5": 1.5, "0.9": math.inf}
+    assert ddn["p_upp"] == pytest.approx(2 / 5)  # 0.5 and 1.0 <= D_upp = 1.0
+    assert ddn["operating_characteristic"] == {"distortion": [0.0, 0.5, 1.0, 1.5, 2.0], "p": [0.0, 0.2, 0.4, 0.6, 0.8]}
+    assert ddn["robust_accuracy"] == pytest.approx([4 / 6, 3 / 6, 1 / 6])  # DDN alone, on the L2 grid
+    assert ddn["cost"]["gradients_per_image"] == 100 and ddn["cost"]["seconds_per_image"] == pytest.approx(0.2)
+
+
+def test_best_of_minimal_attacks_is_the_per_sample_minimum(m):
+    best = m["best_minimal"]  # 0.4, 1.5, 3.0, 1.0, 2.0
+    assert best["attacks"] == ["ddn", "bp"]
+    assert best["p_suc"] == 1.0
+    assert best["mean_distortion"] == pytest.approx((0.4 + 1.5 + 3.0 + 1.0 + 2.0) / 5)
+    assert best["median_distortion"] == 1.5
+    assert best["p_upp"] == pytest.approx(2 / 5)
+
+
+def test_budget_attacks_cascade_counts_and_invalid_examples(m):
+    pgd = m["attacks"]["pgd_linf"]
+    assert [(e["eps"], e["attacked"], e["broken"], e["invalid"]) for e in pgd["per_eps"]] == [(0.05, 3, 1, 1), (0.1, 2, 1, 0)]
+    assert pgd["invalid"] == {"outside the budget": 1}
+    assert pgd["cost"]["gradients_per_image"] == 40
+    assert m["attacks"]["transfer_pgd_linf"]["source"] == "transfer"
+
+
+def test_detector_rates(m):
+    det = m["detector"]
+    assert det["fpr_clean"] == pytest.approx(1 / 6)
+    # valid examples that fool the classifier: 10 successes + DDN's flagged #2; the cheat is not valid
+    assert det["adversarial"] == 11 and det["tpr"] == pytest.approx(1 / 11)
+    assert det["per_attack"]["ddn"] == {"adversarial": 5, "tpr": pytest.approx(1 / 5)}
+    assert (det["threshold"], det["fpr_target"]) == (0.5, 0.05)
+
+
+def test_distortion_budget_puts_certified_next_to_empirical(m):
+    cert = {"sigmas": {"0.25": {"samples": 6, "radii": [0.0, 0.5, 1.0], "certified_accuracy": [0.8, 0.6, 0.2],
+                                "abstain_rate": 0.1}}}
+    b = distortion_budget(cert, m, target=0.5)
+    assert b["certified_budget"] == {"0.25": 0.5} and b["best_certified_budget"] == 0.5
+    # robust accuracy implied by the best minimal distortions (0.4, 1.0, 1.5, 2.0, 3.0) at the radii
+    assert b["empirical"]["robust_accuracy"] == pytest.approx([5 / 6, 4 / 6, 3 / 6])
+    assert b["empirical"]["median_minimal_distortion"] == 1.5
+
+
+def test_report_files(m, tmp_path):
+    gate = {"passed": False, "reasons": ["clean accuracy 0.8333 < 0.9"],
+            "checks": [{"name": "min_clean_accuracy", "threshold": 0.9, "value": 0.8333, "passed": False, "detail": ""}]}
+    warnings = [{"code": "transfer_beats_white_box", "message": "transfer broke 1 sample", "details": {}}]
+    report = build_report(pipeline={"name": "hand", "description": "made by hand", "sha256": {"model": "ab" * 32},
+                                    "paths": {"model": "m.onnx"}},
+                          spec=SPEC, probes={"mode": MODE}, metrics=m, warnings=warnings, gate=gate,
+                          budget=distortion_budget({"sigmas": {"0.25": {"samples": 6, "radii": [0.0, 1.0],
+                                                                        "certified_accuracy": [0.8, 0.2]}}}, m, 0.5))
+    json_path, md_path = write_report(tmp_path, report)
+    data = json.loads(json_path.read_text())  # strict JSON: written with allow_nan=False
+    assert data["metrics"]["attacks"]["ddn"]["quantiles"]["0.9"] == "inf"
+    assert data["gate"]["passed"] is False
+    md = md_path.read_text()
+    for text in ("**Gate: FAIL**", "## Robust accuracy", "| ddn alone |", "## Minimal attacks", "best of ddn, bp",
+                 "## Detector", "## Distortion budget", "transfer_beats_white_box", "`abababab", "**FAIL**"):
+        assert text in md, text
+    for png in ("operating_characteristic", "robust_accuracy_linf", "robust_accuracy_l2", "distortion_budget"):
+        assert (tmp_path / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"plots/{png}.png" in md
+
+
+def test_jsonable_has_no_nan_or_infinity():
+    assert jsonable({"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5]}) == {"a": None, "b": ["inf", "-inf", 1.5]}
