@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -465,6 +466,8 @@ class Auditor:
         full = {"format": FORMAT, "settings": settings,
                 "fingerprint": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
                 "attacks": {e.id: e.describe() for e in spec.entries}}
+        if fresh and (self.out / EXAMPLES).is_dir():
+            shutil.rmtree(self.out / EXAMPLES)  # the stored examples of the discarded records
         self.log = RecordLog(self.out / RECORDS, full, fresh=fresh)
         self.broken = {"l2": np.full(self.n, np.inf), "linf": np.full(self.n, np.inf)}
         self.correct = np.zeros(self.n, dtype=bool)

@@ -28,7 +28,7 @@ from advshield.plugin.smoothing import (
     certified_budget,
 )
 
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+DEFAULT_RADII = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certify", help="certify test images with randomized smoothing over the whole pipeline")
     p.add_argument("pipeline")
     p.add_argument("--sigma", type=float, action="append", help="noise level (repeatable; default: [certify] sigmas)")
-    p.add_argument("--model", action="append", help="noise-trained base model per --sigma (repeatable, same order)")
+    p.add_argument("--model", action="append", help="noise-trained base model per --sigma (repeatable, same order; "
+                   "e.g. from `advshield train --noise-sigma S`)")
     p.add_argument("--n0", type=int)
     p.add_argument("--n", type=int)
     p.add_argument("--alpha", type=float)
@@ -64,7 +65,9 @@ def cmd_certify(args) -> int:
     cfg = load_pipeline(args.pipeline)
     overrides = {"n0": args.n0, "n": args.n, "alpha": args.alpha, "samples": args.samples, "start": args.start,
                  "batch_size": args.batch_size, "seed": args.seed,
-                 "sigmas": tuple(args.sigma) if args.sigma else None, "models": tuple(args.model) if args.model else None}
+                 "sigmas": tuple(args.sigma) if args.sigma else None,
+                 # paths on the command line are relative to the working folder, in the file to the file
+                 "models": tuple(str(Path(m).resolve()) for m in args.model) if args.model else None}
     if args.sigma and not args.model and cfg.extra.get("certify", {}).get("models"):
         overrides["models"] = ()
     spec = certify_spec(cfg, **overrides)
