@@ -594,7 +594,12 @@ class Auditor:
         checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, self.spec.levels))
         score_seed = derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch)
         pred = self.setup.scorer.predict(checked.adversarial, seed=score_seed)
-        argmax = np.asarray(pred.probs).argmax(1)
+        # the served label, except where the detector rejected the image (label -1 and flagged):
+        # there the classifier's own label, so a flagged-but-fooled example is still visible (the
+        # detector's true positives); a -1 without a flag (a smoothed pipeline's ABSTAIN) stays -1
+        served = np.asarray(pred.labels, np.int64)
+        rejected = (served == -1) & (np.asarray(pred.flagged, bool) if pred.flagged is not None else False)
+        argmax = np.where(rejected, np.asarray(pred.probs).argmax(1), served)
         flagged = pred.flagged if (self.spec.flagged_is_failure and pred.flagged is not None) else None
         success = judge(checked, argmax, y, flagged=flagged)
         rows = []

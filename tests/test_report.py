@@ -132,6 +132,10 @@ def test_distortion_budget_puts_certified_next_to_empirical(m):
     # robust accuracy implied by the best minimal distortions (0.4, 1.0, 1.5, 2.0, 3.0) at the radii
     assert b["empirical"]["robust_accuracy"] == pytest.approx([5 / 6, 4 / 6, 3 / 6])
     assert b["empirical"]["median_minimal_distortion"] == 1.5
+    # robust accuracy (5 - broken) / 6 >= 0.5 while at most 2 samples are broken: below the 3rd least distortion
+    assert b["empirical"]["budget"] == 1.5
+    assert distortion_budget(cert, m, target=0.9)["empirical"]["budget"] == 0.0  # clean accuracy 5/6 < 0.9
+    assert distortion_budget(cert, m, target=0.0)["empirical"]["budget"] == math.inf  # never below 0
 
 
 def test_report_files(m, tmp_path):
@@ -158,3 +162,18 @@ def test_report_files(m, tmp_path):
 
 def test_jsonable_has_no_nan_or_infinity():
     assert jsonable({"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5]}) == {"a": None, "b": ["inf", "-inf", 1.5]}
+
+
+def test_budget_over_noise_trained_models_is_not_called_an_interval(m, tmp_path):
+    """Certificates of a smoothed pipeline over another (noise-trained) model bound another classifier."""
+    gate = {"passed": True, "reasons": [], "checks": []}
+    cert = {"spec": {"models": ["noise.onnx"]},
+            "sigmas": {"0.25": {"samples": 6, "radii": [0.0, 1.0], "certified_accuracy": [0.8, 0.2]}}}
+    for certified, interval in ((cert, False), ({"sigmas": cert["sigmas"]}, True)):
+        b = distortion_budget(certified, m, 0.5)
+        assert b["same_classifier"] is interval
+        report = build_report(pipeline={"name": "hand", "description": "", "sha256": {}, "paths": {}}, spec=SPEC,
+                              probes={"mode": MODE}, metrics=m, warnings=[], gate=gate, budget=b)
+        md = write_report(tmp_path, report)[1].read_text()
+        assert ("<= true budget <=" in md) is interval
+        assert ("about different classifiers" in md) is not interval

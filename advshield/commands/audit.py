@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive", choices=("auto", "on", "off"), default=None,
                    help="off: attacks ignore the defenses; auto/on: BPDA, EOT, detector-aware (default: [audit] or auto)")
     p.add_argument("--eot", type=int, default=None, help="EOT draws per gradient (default: [audit] eot_samples or 10 when random)")
+    p.add_argument("--detector-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="adaptive attacks include the detector's reject logit (default: [audit] detector_aware or yes)")
     p.add_argument("--target", default=None, help="re-score through a live server: grpc://HOST:PORT[/MODEL]")
     p.add_argument("--token", default=None, help="bearer token for --target")
     g = p.add_mutually_exclusive_group()
@@ -79,24 +81,14 @@ def pipeline_info(cfg: Any, checksums: dict[str, str]) -> dict[str, Any]:
 def _certification(args, cfg, out: Path, images, labels, progress: bool):
     """(certify summary, certify records, base_for_sigma, spec) or Nones: read --certify-dir, or run
     the stage when asked (--certify, or a [certify] section) into OUT/certify (reused when done)."""
-    import torch
-
     from advshield.attacks.certify import certify_spec, run_certification
-    from advshield.commands.certify import pipeline_base
+    from advshield.commands.certify import in_process_bases
     from advshield.data import load_dataset
 
     if args.no_certify or not (args.certify_dir or args.certify or "certify" in cfg.extra):
         return None
     spec = certify_spec(cfg)
-    cache: dict = {}
-
-    def base_for_sigma(sigma: float):
-        model = spec.models[spec.sigmas.index(sigma)] if spec.models else None
-        if model not in cache:
-            cache[model] = pipeline_base(cfg, model)
-        defended = cache[model]
-        gen = torch.Generator().manual_seed(spec.seed)
-        return lambda x: defended.logits(x, gen if defended.random else None)
+    base_for_sigma = in_process_bases(cfg, spec)
 
     folder = Path(args.certify_dir) if args.certify_dir else out / "certify"
     summary_path, records_path = folder / "certify_summary.json", folder / "certify_records.jsonl"
@@ -144,7 +136,7 @@ def _audit(args) -> int:
     t_start = time.perf_counter()
     cfg = load_pipeline(args.pipeline)
     spec = audit_spec(cfg, samples=args.samples, start=args.start, batch_size=args.batch_size, seed=args.seed,
-                      adaptive=args.adaptive, eot_samples=args.eot)
+                      adaptive=args.adaptive, eot_samples=args.eot, detector_aware=args.detector_aware)
     if args.attacks:
         spec = spec.select(args.attacks)
     spec = spec.with_gate_eps(cfg.gate.gate_eps)

@@ -55,9 +55,25 @@ def pipeline_base(cfg, model_path=None):
     return defended
 
 
-def cmd_certify(args) -> int:
+def in_process_bases(cfg, spec):
+    """``base_for_sigma(sigma)``: the defended pipeline (with the noise-trained model ``spec``
+    names for that sigma, if any) as the smoothing base classifier; pipelines built once per model."""
     import torch
 
+    cache: dict = {}
+
+    def base_for_sigma(sigma: float):
+        model = spec.models[spec.sigmas.index(sigma)] if spec.models else None
+        if model not in cache:
+            cache[model] = pipeline_base(cfg, model)
+        defended = cache[model]
+        gen = torch.Generator().manual_seed(spec.seed)
+        return lambda x: defended.logits(x, gen if defended.random else None)
+
+    return base_for_sigma
+
+
+def cmd_certify(args) -> int:
     from advshield.attacks.certify import budget, certify_spec, plot_certified_accuracy, run_certification
     from advshield.data import load_dataset
     from advshield.plugin.config import load_pipeline
@@ -89,19 +105,7 @@ def cmd_certify(args) -> int:
             return f
         print(f"certifying through {remote!r} (noise is clipped to [0, 1] on the wire)")
     else:
-        cache: dict = {}
-
-        def base_for_sigma(sigma):
-            i = spec.sigmas.index(sigma)
-            model = spec.models[i] if spec.models else None
-            if model not in cache:
-                cache[model] = pipeline_base(cfg, model)
-            defended = cache[model]
-            gen = torch.Generator().manual_seed(spec.seed)
-
-            def f(x):
-                return defended.logits(x, gen if defended.random else None)
-            return f
+        base_for_sigma = in_process_bases(cfg, spec)
         num_classes = len(cfg.data.class_names)
 
     summary = run_certification(base_for_sigma, num_classes, images, labels, spec, out, progress=not args.quiet)
