@@ -41,9 +41,8 @@ def test_distribution_exposes_only_advshield():
 
 def test_wheel_contains_only_the_advshield_namespace(tmp_path):
     """What `pip install .` installs: build the wheel and list its top-level entries."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info next to the sources
