@@ -303,15 +303,18 @@ def plot_robust_accuracy(metrics: Mapping[str, Any], norm: str, path: Path) -> P
 def plot_budget(budget: Mapping[str, Any], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    same = budget.get("same_classifier", True)  # else: certificates of a smoothed noise-trained model
     for sigma, v in budget["sigmas"].items():
-        ax.step(v["radii"], v["certified_accuracy"], where="post", label=f"certified, sigma = {sigma} (lower bound)")
+        ax.step(v["radii"], v["certified_accuracy"], where="post",
+                label=f"certified, sigma = {sigma} " + ("(lower bound)" if same else "(smoothed noise-trained model)"))
     emp = budget.get("empirical")
     if emp:
         c = emp["curve"]
         r, a = list(c["radius"]), list(c["robust_accuracy"])
         if r and emp["radii"] and emp["radii"][-1] > r[-1]:  # flat beyond the largest distortion found
             r, a = [*r, emp["radii"][-1]], [*a, a[-1]]
-        ax.step(r, a, where="post", color="black", label="attacks: best of minimal (upper bound)")
+        ax.step(r, a, where="post", color="black",
+                label="attacks: best of minimal " + ("(upper bound)" if same else "(deployed pipeline)"))
     ax.axhline(budget["target"], color="grey", ls="--", lw=1, label=f"target {budget['target']:g}")
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("accuracy")
