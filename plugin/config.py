@@ -6,7 +6,6 @@ frozen dataclass; an unknown key or a bad value raises ``ConfigError`` naming it
 
 from __future__ import annotations
 
-import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +14,11 @@ from typing import Any, Literal
 
 from advshield.configs import check, from_mapping, to_mapping
 from advshield.data import FASHION_CLASSES, MNIST_CLASSES
+from advshield.defenses.base import sha256_file
 from advshield.defenses.registry import parse_defense, parse_detector
 from advshield.errors import ArtifactError, ConfigError
 
 DATASET_CLASSES = {"fashion-mnist": FASHION_CLASSES, "mnist-5k": MNIST_CLASSES, "idx": MNIST_CLASSES}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

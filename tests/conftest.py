@@ -22,6 +22,16 @@ def pytest_configure(config):
         )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for modules of small models: on a shared 2-core machine a second thread adds
+    only synchronisation (measured: C&W on the linear model 0.2 s with one thread, 18 s with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fashion_test():
     return load_fashion_mnist("test")

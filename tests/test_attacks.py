@@ -43,14 +43,7 @@ MINIMAL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread. A second adds only synchronisation, which costs up to
-    100x on a busy 2-core machine (measured: C&W on the linear model 0.2 s vs 18 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

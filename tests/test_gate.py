@@ -23,12 +23,7 @@ from advshield.plugin.config import GateSpec, load_pipeline
 PIPELINES = Path(__file__).resolve().parents[1] / "advshield" / "pipelines"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
