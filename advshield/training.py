@@ -16,12 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from advshield.data import Dataset
-from advshield.errors import ConfigError, ParityError
+from advshield.core.data import Dataset, load_fashion_mnist
+from advshield.core.errors import ConfigError, ParityError
+from advshield.core.hashing import sha256_file
+from advshield.core.progress import progress as progress_bar
+from advshield.core.progress import write as progress_write
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,8 @@ def train(train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, progress: bool 
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(x), generator=g)
-        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch", leave=False)
+        bar = progress_bar(range(steps_per_epoch), desc=f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", enabled=progress,
+                           unit="batch", leave=False)
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, yb = x[idx], y[idx]
@@ -157,7 +161,7 @@ def train(train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, progress: bool 
         acc = accuracy(model, test_ds, noise_sigma=cfg.noise_sigma, seed=cfg.seed)
         history.append(acc)
         if progress:
-            tqdm.write(f"{cfg.arch}: epoch {epoch + 1}/{cfg.epochs} test accuracy {acc:.4f}")
+            progress_write(f"{cfg.arch}: epoch {epoch + 1}/{cfg.epochs} test accuracy {acc:.4f}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -171,8 +175,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     Returns the max |logit difference| between ONNX Runtime and torch on a probe batch; raises
     ParityError above ``tolerance``.
     """
-    import onnxruntime as ort
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -203,8 +205,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
 
 
 def write_model_card(onnx_path: str | Path, result: TrainResult, parity: float, **extra) -> Path:
-    from advshield.defenses.base import sha256_file
-
     card = {
         "model": Path(onnx_path).name,
         "sha256": sha256_file(onnx_path),
@@ -220,3 +220,26 @@ def write_model_card(onnx_path: str | Path, result: TrainResult, parity: float, 
     out = Path(str(onnx_path).removesuffix(".onnx") + ".json")
     out.write_text(json.dumps(card, indent=2))
     return out
+
+
+def train_models(out: Path, *, data_dir: str | Path | None = None, epochs: int = 4, seed: int = 0,
+                 noise_sigma: float = 0.0, surrogate: bool = True, threads: int = 2,
+                 progress: bool = True) -> dict[str, dict]:
+    """Train the reference CNN (and the transfer surrogate) on Fashion-MNIST, export each to ONNX
+    with its model card in ``out``; returns the cards by file stem."""
+    train_ds, test_ds = load_fashion_mnist("train", data_dir), load_fashion_mnist("test", data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [("cnn", seed, noise_sigma, "fashion_cnn" + (f"_sigma{noise_sigma:g}" if noise_sigma else ""))]
+    if surrogate:
+        jobs.append(("surrogate", seed + 1000, 0.0, "fashion_surrogate"))
+    cards = {}
+    for arch, s, sigma, stem in jobs:
+        cfg = TrainConfig(arch=arch, epochs=epochs, seed=s, noise_sigma=sigma, threads=threads)
+        model, result = train(train_ds, test_ds, cfg, progress=progress)
+        path = out / f"{stem}.onnx"
+        diff = export_onnx(model, path, tuple(train_ds.as_float(0, 1).shape[1:]))
+        card = json.loads(write_model_card(path, result, diff).read_text())
+        cards[stem] = card
+        print(f"{path}: test accuracy {result.test_accuracy:.4f} ({result.train_seconds:.0f} s, "
+              f"ONNX parity {diff:.2g}, sha256 {card['sha256'][:12]})")
+    return cards

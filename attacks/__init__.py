@@ -1,1 +1,42 @@
-"""Audit: attacks as plain functions, BPDA/EOT wrappers, metrics, the audit runner and its report."""
+"""Attacks as plain functions, BPDA/EOT wrappers, the audit runner, metrics and the report.
+
+Every attack shares one shape, ``attack(model, inputs, labels, *, targeted=False, **hyper)``;
+the registry names them with their kind (budget or minimal) and defaults::
+
+    from advshield.attacks import pgd, ddn, bp
+    adv = pgd(model, x, y, eps=8 / 255, steps=40)
+
+Modules: ``gradient`` (FGSM, BIM, PGD: one loop), ``carlini_wagner``, ``deepfool``,
+``decoupled_direction_norm`` (DDN), ``boundary_projection`` (BP, thesis ch. 5), ``transfer``,
+``adaptive`` (BPDA/EOT/detector-aware attack models), ``threat`` (the never-trust check),
+``primitives`` (norms, losses, gradient counting), ``audit`` (spec, records, runner, probes),
+``audit_pipeline`` (the whole audit in one call), ``certify``, ``metrics``, ``masking``, ``gate``,
+``report``.
+"""
+
+from advshield.attacks.adaptive import AttackModel, attack_model
+from advshield.attacks.boundary_projection import bp
+from advshield.attacks.carlini_wagner import cw_l2
+from advshield.attacks.decoupled_direction_norm import ddn
+from advshield.attacks.deepfool import deepfool
+from advshield.attacks.gradient import bim, fgsm, pgd
+from advshield.attacks.registry import ATTACKS, AttackSpec, get_attack, register_attack, run_attack
+from advshield.attacks.transfer import transfer_attack
+
+__all__ = [
+    "ATTACKS",
+    "AttackModel",
+    "AttackSpec",
+    "attack_model",
+    "bim",
+    "bp",
+    "cw_l2",
+    "ddn",
+    "deepfool",
+    "fgsm",
+    "get_attack",
+    "pgd",
+    "register_attack",
+    "run_attack",
+    "transfer_attack",
+]

@@ -6,7 +6,7 @@ gradient attack.
   differentiated exactly. Nothing is silent: a defense without BPDA under autograd raises.
 * **EOT**: random defenses draw from the model's own seeded generator, a new draw per forward
   pass; ``eot_samples = n`` makes every attack average its loss gradients (and decision logits)
-  over n draws (see ``advshield.attacks.core.value_and_grad``). ``attack_model`` switches EOT on
+  over n draws (see ``advshield.attacks.primitives.value_and_grad``). ``attack_model`` switches EOT on
   when the pipeline declares a random defense or two passes of its defenses differ.
 * **Detector-aware**: with a differentiable detector score s(x) and its threshold t, the model
   gains a last "flagged" logit max_j z_j + weight * (s(x) - t), which wins exactly when the input is
@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from advshield.core.errors import InputError
 from advshield.defenses.base import Defense
-from advshield.errors import InputError
+from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
 
 DEFAULT_EOT_SAMPLES = 10
 
@@ -104,8 +105,6 @@ def is_random(defend: Callable[[torch.Tensor, torch.Generator], torch.Tensor], p
 
 def twin_of(pipeline: Any, **kwargs: Any) -> torch.nn.Module:
     """The differentiable twin of a pipeline's classifier (itself when it already is one)."""
-    from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
-
     clf = pipeline.classifier
     if isinstance(clf, torch.nn.Module):
         return clf

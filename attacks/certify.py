@@ -12,14 +12,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 
-from advshield.configs import check, from_mapping
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from advshield.core.data import load_dataset
+from advshield.core.progress import progress as progress_bar
+from advshield.core.validation import check, from_mapping
+from advshield.plugin.classifiers import OnnxClassifier
+from advshield.plugin.client import RemoteClassifier, parse_target
 from advshield.plugin.config import PipelineConfig
+from advshield.plugin.pipeline import DefendedClassifier
 from advshield.plugin.smoothing import (
     ABSTAIN,
     SmoothedClassifier,
@@ -91,8 +101,6 @@ def run_certification(
     progress: bool = True,
 ) -> dict:
     """Certify ``images`` at every sigma of ``spec``; write records (JSONL) and a summary."""
-    from tqdm.auto import tqdm
-
     records: list[CertRecord] = []
     summary: dict = {"spec": asdict(spec), "sigmas": {}}
     if out is not None:
@@ -102,7 +110,7 @@ def run_certification(
         smoothed = SmoothedClassifier(base_for_sigma(sigma), num_classes, spec.smoothing(sigma))
         t_sigma = time.perf_counter()
         rows = []
-        for i in tqdm(range(len(images)), desc=f"certify sigma={sigma:g}", disable=not progress, unit="img"):
+        for i in progress_bar(range(len(images)), desc=f"certify sigma={sigma:g}", enabled=progress, unit="img"):
             t0 = time.perf_counter()
             cert = smoothed.certify(torch.from_numpy(images[i]), index=spec.start + i)
             rec = CertRecord(sigma, spec.start + i, int(labels[i]), cert.label, cert.radius, cert.p_lower,
@@ -145,11 +153,6 @@ def budget(summary: dict, target: float) -> dict[str, float]:
 
 
 def plot_certified_accuracy(summary: dict, path: Path, target: float | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for sigma, v in summary["sigmas"].items():
         ax.step(v["radii"], v["certified_accuracy"], where="post", label=f"sigma = {sigma}")
@@ -165,3 +168,89 @@ def plot_certified_accuracy(summary: dict, path: Path, target: float | None = No
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- the base classifiers and the whole certification run -----------------------------------------
+
+def pipeline_base(cfg: PipelineConfig, model_path: str | None = None) -> DefendedClassifier:
+    """The defended pipeline as a smoothing base classifier (noise goes in before the defenses)."""
+    clf = None
+    if model_path is not None:
+        clf = OnnxClassifier(cfg.resolve(model_path), device=cfg.model.device, threads=cfg.model.threads, validate=False)
+    defended = DefendedClassifier.from_config(cfg, classifier=clf)
+    if clf is None and hasattr(defended.classifier, "validate"):
+        defended.classifier.validate = False  # noisy inputs leave [0, 1] on purpose
+    return defended
+
+
+BaseForSigma = Callable[[float], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def in_process_bases(cfg: PipelineConfig, spec: CertifySpec) -> BaseForSigma:
+    """``base_for_sigma(sigma)``: the defended pipeline (with the noise-trained model ``spec``
+    names for that sigma, if any) as the smoothing base classifier; pipelines built once per model."""
+    cache: dict[str | None, DefendedClassifier] = {}
+
+    def base_for_sigma(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        model = spec.models[spec.sigmas.index(sigma)] if spec.models else None
+        if model not in cache:
+            cache[model] = pipeline_base(cfg, model)
+        defended = cache[model]
+        gen = torch.Generator().manual_seed(spec.seed)
+        return lambda x: defended.logits(x, gen if defended.random else None)
+
+    return base_for_sigma
+
+
+def remote_bases(remote: RemoteClassifier, spec: CertifySpec) -> BaseForSigma:
+    """``base_for_sigma`` through a live endpoint (noise is clipped to [0, 1] on the wire)."""
+    def base_for_sigma(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: remote(x.clamp(0, 1)) if not spec.clip else remote(x)
+
+    return base_for_sigma
+
+
+@dataclass
+class CertifyResult:
+    """What ``certify_pipeline`` produced: the summary (per sigma: certified accuracy by radius,
+    abstain rate...), the certified budget per sigma, and the files written."""
+
+    summary: dict[str, Any]
+    budget: dict[str, float]
+    target: float
+    out: Path
+    records_path: Path
+    summary_path: Path
+    plot_path: Path
+    scorer: str = "in process"
+    records: list[CertRecord] = field(default_factory=list)
+
+
+def certify_pipeline(cfg: PipelineConfig, spec: CertifySpec, out: Path, *, target: str | None = None,
+                     token: str | None = None, progress: bool = True) -> CertifyResult:
+    """Certify ``spec.samples`` test images of the pipeline's data set at every sigma, in process or
+    through a live endpoint (``target`` = grpc://HOST:PORT[/MODEL]); write records, summary, plot."""
+    data = load_dataset(cfg.data.dataset, "test", cfg.data.directory or None)
+    stop = min(spec.start + spec.samples, len(data))
+    images, labels = data.as_float(spec.start, stop), data.labels[spec.start:stop]
+    out = Path(out)
+    scorer = "in process"
+    if target:
+        url, model = parse_target(target)
+        remote = RemoteClassifier(url, model, token=token)
+        num_classes = remote.num_classes
+        base_for_sigma = remote_bases(remote, spec)
+        scorer = repr(remote)
+    else:
+        base_for_sigma = in_process_bases(cfg, spec)
+        num_classes = len(cfg.data.class_names)
+    summary = run_certification(base_for_sigma, num_classes, images, labels, spec, out, progress=progress)
+    records = summary.pop("records")
+    goal = cfg.gate.certified_accuracy_target
+    budgets = budget(summary, goal)
+    summary["certified_budget"] = budgets
+    summary["certified_accuracy_target"] = goal
+    summary_path = out / "certify_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    plot = plot_certified_accuracy(summary, out / "certified_accuracy.png", goal)
+    return CertifyResult(summary, budgets, goal, out, out / "certify_records.jsonl", summary_path, plot, scorer, records)

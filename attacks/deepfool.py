@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from advshield.attacks.core import (
+from advshield.attacks.primitives import (
     Model,
     bview,
     check_inputs,
@@ -22,7 +22,7 @@ from advshield.attacks.core import (
     predict,
     quantize,
 )
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 SCALES: tuple[float, ...] = (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0)
 

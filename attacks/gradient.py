@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from advshield.attacks.core import (
+from advshield.attacks.primitives import (
     LossName,
     Model,
     Norm,
@@ -26,7 +26,7 @@ from advshield.attacks.core import (
     predict,
     value_and_grad,
 )
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 
 def _step(g: torch.Tensor, norm: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 
 def _arrays(correct: Any, *others: Any) -> tuple[np.ndarray, ...]:

@@ -19,13 +19,13 @@ from typing import Any, Literal
 
 import torch
 
-from advshield.attacks.bp import bp
-from advshield.attacks.core import Model
-from advshield.attacks.cw import cw_l2
-from advshield.attacks.ddn import ddn
+from advshield.attacks.boundary_projection import bp
+from advshield.attacks.carlini_wagner import cw_l2
+from advshield.attacks.decoupled_direction_norm import ddn
 from advshield.attacks.deepfool import deepfool
 from advshield.attacks.gradient import bim, fgsm, pgd
-from advshield.errors import ConfigError
+from advshield.attacks.primitives import Model
+from advshield.core.errors import ConfigError
 
 Kind = Literal["budget", "minimal"]
 

@@ -19,14 +19,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from advshield.attacks.core import l2, linf
-from advshield.configs import check
-from advshield.errors import InputError
+from advshield.attacks.primitives import l2, linf
+from advshield.core.errors import InputError
+from advshield.core.validation import check
 
 # why a sample is invalid (``Checked.reason``)
 VALID, NOT_FINITE, OUTSIDE_BUDGET, OFF_GRID = 0, 1, 2, 3
 REASONS = {VALID: "valid", NOT_FINITE: "not finite", OUTSIDE_BUDGET: "outside the budget",
            OFF_GRID: "outside the budget after rounding"}
+
+
+DIST_TOL = 1e-6  # a distortion d counts within eps when d <= eps + DIST_TOL (the threat check's slack)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from advshield.attacks.adaptive import AttackModel
-from advshield.attacks.core import Model
+from advshield.attacks.primitives import Model
 from advshield.attacks.registry import run_attack
-from advshield.errors import InputError
+from advshield.core.errors import InputError
+from advshield.plugin.classifiers import TwinClassifier
 
 
 class Ensemble(torch.nn.Module):
     """Average of the members' logits (Liu et al. 2017)."""
-
     def __init__(self, members: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
         super().__init__()
         if not members:
@@ -36,8 +36,6 @@ class Ensemble(torch.nn.Module):
 
 def load_surrogates(paths: Sequence[str | Path], *, device: str = "auto", tolerance: float = 1e-3) -> list[torch.nn.Module]:
     """Surrogate ONNX files as differentiable twins (each parity-checked against ONNX Runtime)."""
-    from advshield.plugin.classifiers import TwinClassifier
-
     if not paths:
         raise InputError("no surrogate model given (pipeline [model] surrogate = \"...onnx\")")
     return [TwinClassifier(p, device=device, tolerance=tolerance, validate=False) for p in paths]

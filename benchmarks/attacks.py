@@ -35,13 +35,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from advshield.attacks import metrics as M  # noqa: E402
-from advshield.attacks.bp import bp  # noqa: E402
-from advshield.attacks.core import Counted  # noqa: E402
-from advshield.attacks.cw import cw_l2  # noqa: E402
-from advshield.attacks.ddn import ddn  # noqa: E402
+from advshield.attacks.boundary_projection import bp  # noqa: E402
+from advshield.attacks.carlini_wagner import cw_l2  # noqa: E402
+from advshield.attacks.decoupled_direction_norm import ddn  # noqa: E402
 from advshield.attacks.gradient import pgd  # noqa: E402
+from advshield.attacks.primitives import Counted  # noqa: E402
 from advshield.attacks.threat import ThreatModel, check_adversarial  # noqa: E402
-from advshield.data import Dataset, load_fashion_mnist, load_mnist5k  # noqa: E402
+from advshield.core.data import Dataset, load_fashion_mnist, load_mnist5k  # noqa: E402
 from advshield.plugin.classifiers import TwinClassifier, pick_device  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "advshield" / "models" / "fashion_cnn.onnx"

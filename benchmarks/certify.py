@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advshield.data import load_fashion_mnist
+from advshield.core.data import load_fashion_mnist
 from advshield.plugin.classifiers import OnnxClassifier
 from advshield.plugin.config import load_pipeline
 from advshield.plugin.pipeline import DefendedClassifier

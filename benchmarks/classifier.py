@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from advshield.data import load_fashion_mnist
+from advshield.core.data import load_fashion_mnist
 from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
 
 MODEL = Path(__file__).resolve().parents[1] / "advshield" / "models" / "fashion_cnn.onnx"

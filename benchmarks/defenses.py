@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advshield.data import load_fashion_mnist
+from advshield.core.data import load_fashion_mnist
 from advshield.defenses.registry import build_defense, build_detector, parse_defense, parse_detector
 from advshield.plugin.classifiers import OnnxClassifier
 

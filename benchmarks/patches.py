@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advshield.data import load_fashion_mnist
+from advshield.core.data import load_fashion_mnist
 from advshield.defenses.patches import (
     PatchReplacementConfig,
     build,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from advshield.data import load_fashion_mnist
+from advshield.core.data import load_fashion_mnist
 from advshield.plugin import protocol as P
 from advshield.plugin.decode import encode_png
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from advshield.data import load_fashion_mnist
+from advshield.core.data import load_fashion_mnist
 from advshield.plugin import protocol as P
 from advshield.plugin.decode import encode_png
 
@@ -71,8 +71,8 @@ calibration = 2000
 
 
 def make_pipelines(folder: Path, args) -> dict[str, Path]:
-    from advshield.commands.fit import fit_pipeline, fit_spec
     from advshield.plugin.config import load_pipeline
+    from advshield.plugin.fitting import fit_pipeline, fit_spec
 
     head = {"model": MODEL.as_posix(), "delay": args.max_queue_delay_us, "threads": args.threads}
     plain = folder / "bench_plain.toml"

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from advshield.errors import AdvshieldError, ArtifactError
+from advshield.core.errors import AdvshieldError, ArtifactError
+from advshield.core.hashing import sha256_file
 
 
 class NonDifferentiableError(AdvshieldError, RuntimeError):
@@ -93,14 +93,6 @@ def bpda_apply(defense: Defense, x: torch.Tensor, generator: torch.Generator | N
 
 
 # --- artifacts: files plus a JSON sidecar with parameters and checksums (never pickle) ---------
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
 
 def meta_path(path: str | Path) -> Path:
     return Path(str(path) + ".meta.json")

@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from advshield.configs import check, to_mapping
+from advshield.core.errors import ArtifactError, ConfigError, InputError
+from advshield.core.validation import check, to_mapping
 from advshield.defenses.base import Defense, write_artifact_meta
 from advshield.defenses.registry import build_defense, parse_defense, register_detector
-from advshield.errors import ArtifactError, ConfigError, InputError
 
 ARTIFACT_FORMAT = "advshield.squeeze_threshold/1"
 

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from advshield.configs import check
+from advshield.core.validation import check
 from advshield.defenses.base import Defense
 from advshield.defenses.registry import register_defense
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from advshield.configs import from_mapping
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
+from advshield.core.validation import from_mapping
 
 
 @dataclass(frozen=True)

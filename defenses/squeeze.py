@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advshield.configs import check
+from advshield.core.validation import check
 from advshield.defenses.base import Defense
 from advshield.defenses.registry import register_defense
 

@@ -1,7 +1,6 @@
 """Generate a Triton model repository from a pipeline file.
 
 For a pipeline named ``P`` (``[pipeline] name``) the repository holds::
-
     P/                      ensemble: the public model, same name, tensors and config parameters as
                             advshield serve (advshield.plugin.protocol), so one client fits both
     P__preprocess/          Python backend: IMAGE (BYTES) or PIXELS -> decode, validate, image-layer
@@ -33,11 +32,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from advshield import __version__
-from advshield.configs import check, from_mapping, to_mapping
-from advshield.errors import ArtifactError, ConfigError, ModelError
+from advshield.core.errors import ArtifactError, ConfigError, ModelError
+from advshield.core.hashing import sha256_file
+from advshield.core.validation import check, from_mapping, to_mapping
+from advshield.core.version import __version__
+from advshield.defenses.registry import build_defense, build_detector
+from advshield.deploy.tritonserver import TritonError, start_triton
 from advshield.plugin import protocol as P
-from advshield.plugin.config import PipelineConfig, load_pipeline, sha256_file
+from advshield.plugin.config import PipelineConfig, load_pipeline
+from advshield.plugin.split import candidate_tensors, split_model
 
 from . import runtime as R
 
@@ -50,7 +53,6 @@ VERSION = P.MODEL_VERSION
 @dataclass(frozen=True)
 class DeploySpec:
     """``[deploy]`` of the pipeline file."""
-
     max_batch_size: int = 64  # images per request and per batch of every generated model
     max_queue_delay_us: int = 2000  # dynamic batching: how long a request waits for company
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -90,7 +92,6 @@ def deploy_spec(cfg: PipelineConfig, **overrides: Any) -> DeploySpec:
 @dataclass(frozen=True)
 class Repository:
     """What ``generate_repository`` wrote."""
-
     root: Path
     ensemble: str  # the public model's name (= the pipeline's name)
     models: tuple[str, ...]  # every generated model, the ensemble last
@@ -187,8 +188,6 @@ def _layer(entry) -> str:
 
 def _artifact_names(entries, detector_entry=None) -> list[str]:
     """Artifacts the given defense entries (and detector) load, as ``load_defenses`` reads them."""
-    from advshield.defenses.registry import build_defense, build_detector
-
     names: list[str] = []
     for e in entries:
         d = build_defense(e.type, e.config)
@@ -260,7 +259,6 @@ def _checksums(cfg: PipelineConfig) -> dict[str, str]:
 @dataclass(frozen=True)
 class _Layout:
     """The generated models of one pipeline, as the ensemble wires them."""
-
     preprocess: str
     postprocess: str
     chain: tuple[str, ...]  # the classifier, or its segments head ... tail
@@ -320,8 +318,6 @@ def generate_repository(pipeline: PipelineConfig | str | Path, out: str | Path, 
     ``overrides``: ``DeploySpec`` fields (e.g. ``classifier_backend="python"``, ``gpu=True``)."""
     import onnx
 
-    from advshield.defenses.registry import build_detector
-    from advshield.plugin.split import candidate_tensors, split_model
 
     cfg = pipeline if isinstance(pipeline, PipelineConfig) else load_pipeline(pipeline)
     spec = deploy_spec(cfg, **overrides)
@@ -468,7 +464,6 @@ def verify_repository(root: str | Path, ensemble: str) -> dict[str, Any]:
 def serve_repository(repo: Repository | str | Path, models: list[str] | None = None, **kwargs: Any):
     """Start the wheel's tritonserver on a generated repository (``deploy.tritonserver.start_triton``).
     The wheel has no onnxruntime backend: generate with ``classifier_backend="python"`` for it."""
-    from advshield.deploy.tritonserver import TritonError, start_triton
 
     root = repo.root if isinstance(repo, Repository) else Path(repo)
     names = models or ([repo.ensemble] if isinstance(repo, Repository) else [])
@@ -485,19 +480,3 @@ def serve_repository(repo: Repository | str | Path, models: list[str] | None = N
     if cached:
         kwargs.setdefault("cache_bytes", CACHE_BYTES)  # a model asks for the response cache: give it one
     return start_triton(root, names, **kwargs)
-
-
-def serving_parity(reference, remote, x, seed: int | None = None) -> dict[str, Any]:
-    """Score ``x`` in process (``DefendedClassifier``) and through a live endpoint
-    (``RemoteClassifier``) with the same seed: max |probability difference|, label and flag
-    agreement. A random pipeline is compared with one request (``remote.batch_size`` >= len(x))."""
-    import numpy as np
-
-    a = reference.predict(x, seed=seed)
-    b = remote.predict(x, seed=seed)
-    out = {"images": len(a), "max_abs_prob_diff": float(np.abs(a.probs - b.probs).max()),
-           "label_agreement": float((a.labels == b.labels).mean())}
-    if a.score is not None and b.score is not None:
-        out["max_abs_score_diff"] = float(np.abs(a.score - b.score).max())
-        out["flag_agreement"] = float((a.flagged == b.flagged).mean())
-    return out

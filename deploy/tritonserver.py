@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from advshield.errors import AdvshieldError
+from advshield.core.errors import AdvshieldError
 
 SHM_DIR = Path("/dev/shm")
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0  (the wheel that carries a tritonserver binary)"

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from advshield.errors import InputError, ModelError, ParityError
+from advshield.core.errors import InputError, ModelError, ParityError
 
 log = logging.getLogger(__name__)
 

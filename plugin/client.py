@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advshield.errors import AdvshieldError, InputError
+from advshield.core.errors import AdvshieldError, ConfigError, InputError
 from advshield.plugin import protocol as P
 from advshield.plugin.classifiers import validate_batch
 from advshield.plugin.pipeline import Prediction
@@ -181,3 +181,28 @@ class RemoteClassifier:
 
     def __repr__(self) -> str:
         return f"RemoteClassifier({self.url}, model={self.model_name!r})"
+
+
+def parse_target(url: str) -> tuple[str, str | None]:
+    """grpc://HOST:PORT[/MODEL] -> (HOST:PORT, MODEL or None)."""
+    rest = url.removeprefix("grpc://")
+    if "://" in rest:
+        raise ConfigError(f"--target: only grpc:// URLs are supported, got {url!r}")
+    hostport, _, model = rest.partition("/")
+    if ":" not in hostport:
+        raise ConfigError(f"--target: expected grpc://HOST:PORT[/MODEL], got {url!r}")
+    return hostport, model or None
+
+
+def serving_parity(reference: Any, remote: Any, x: torch.Tensor, seed: int | None = None) -> dict[str, Any]:
+    """Score ``x`` in process (``DefendedClassifier``) and through a live endpoint
+    (``RemoteClassifier``) with the same seed: max |probability difference|, label and flag
+    agreement. A random pipeline is compared with one request (``remote.batch_size`` >= len(x))."""
+    a = reference.predict(x, seed=seed)
+    b = remote.predict(x, seed=seed)
+    out = {"images": len(a), "max_abs_prob_diff": float(np.abs(a.probs - b.probs).max()),
+           "label_agreement": float((a.labels == b.labels).mean())}
+    if a.score is not None and b.score is not None:
+        out["max_abs_score_diff"] = float(np.abs(a.score - b.score).max())
+        out["flag_agreement"] = float((a.flagged == b.flagged).mean())
+    return out

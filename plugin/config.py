@@ -12,13 +12,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from advshield.configs import check, from_mapping, to_mapping
-from advshield.data import FASHION_CLASSES, MNIST_CLASSES
-from advshield.defenses.base import sha256_file
+from advshield.core.data import dataset_classes
+from advshield.core.errors import ArtifactError, ConfigError
+from advshield.core.hashing import sha256_file
+from advshield.core.validation import check, from_mapping, to_mapping
 from advshield.defenses.registry import parse_defense, parse_detector
-from advshield.errors import ArtifactError, ConfigError
-
-DATASET_CLASSES = {"fashion-mnist": FASHION_CLASSES, "mnist-5k": MNIST_CLASSES, "idx": MNIST_CLASSES}
+from advshield.plugin.smoothing import SmoothingConfig
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class DataSpec:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.classes or DATASET_CLASSES[self.dataset]
+        return self.classes or dataset_classes(self.dataset)
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,6 @@ class DefenseEntry:
 @dataclass(frozen=True)
 class GateSpec:
     """Release gate thresholds; a threshold left at its default is not checked."""
-
     min_clean_accuracy: float = 0.0
     min_robust_accuracy: float = 0.0  # at every eps of the audit's grid up to gate_eps
     gate_eps: float = 0.0
@@ -231,7 +229,6 @@ def parse_pipeline(table: dict[str, Any], root: Path, source: Path | None = None
     )
     extra = MappingProxyType({k: table[k] for k in EXTRA_SECTIONS if k in table})
     if "smoothing" in table:  # validated now, built by the defended classifier
-        from advshield.plugin.smoothing import SmoothingConfig
 
         from_mapping(SmoothingConfig, table["smoothing"], "smoothing")
     return PipelineConfig(

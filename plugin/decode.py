@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from advshield.errors import ImageError
+from advshield.core.errors import ImageError
 from advshield.plugin.config import InputSpec
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")

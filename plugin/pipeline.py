@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from advshield.core.validation import from_mapping
 from advshield.defenses.base import Defense, verify_artifact
 from advshield.defenses.registry import build_defense, build_detector
 from advshield.plugin.classifiers import Classifier, OnnxClassifier, validate_batch
 from advshield.plugin.config import PipelineConfig, load_pipeline
 from advshield.plugin.decode import decode_image
+from advshield.plugin.smoothing import SmoothedClassifier, SmoothingConfig
+from advshield.plugin.split import attach_feature_defenses
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,6 @@ def smoothing_config(cfg: PipelineConfig):
     table = cfg.extra.get("smoothing")
     if table is None:
         return None
-    from advshield.configs import from_mapping
-    from advshield.plugin.smoothing import SmoothingConfig
 
     return from_mapping(SmoothingConfig, table, "smoothing")
 
@@ -102,7 +103,6 @@ class DefendedClassifier:
         cfg.checksums(verify=True)
         clf = classifier or OnnxClassifier(cfg.model_path, device=cfg.model.device, threads=cfg.model.threads)
         # defenses on a feature layer (config `layer` = a tensor name) run inside the split model
-        from advshield.plugin.split import attach_feature_defenses
 
         clf, image_steps = attach_feature_defenses(cfg, clf, load_defenses(cfg))
         return cls(clf, image_steps, cfg.data.class_names, cfg, detector=load_detector(cfg))
@@ -165,7 +165,6 @@ class DefendedClassifier:
         n noisy samples. Noise is added before the defenses."""
         from dataclasses import replace
 
-        from advshield.plugin.smoothing import SmoothedClassifier
 
         assert self.smoothing is not None
         seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else int(seed)

@@ -22,7 +22,7 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from tqdm.auto import tqdm
 
-from advshield.configs import check
+from advshield.core.validation import check
 
 ABSTAIN = -1
 Base = Callable[[torch.Tensor], torch.Tensor]  # batch -> logits [N, K] or labels [N]

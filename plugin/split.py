@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from advshield.core.errors import ConfigError, ModelError, ParityError
 from advshield.defenses.base import Defense
-from advshield.errors import ConfigError, ModelError, ParityError
 from advshield.plugin.classifiers import (
     OnnxClassifier,
     TwinClassifier,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from advshield.commands.core import DEFAULT_PIPELINE
-from advshield.data import FASHION_MNIST_DIR, load_fashion_mnist
+from advshield.core.data import FASHION_MNIST_DIR, load_fashion_mnist
+from advshield.core.resources import DEFAULT_PIPELINE
 
 MODELS = Path(DEFAULT_PIPELINE).parent.parent / "models"
 

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from attack_helpers import linear_model, tiny_cnn
 
 from advshield.attacks.adaptive import DEFAULT_EOT_SAMPLES, AttackModel, attack_model, is_random
-from advshield.attacks.bp import bp
-from advshield.attacks.core import Counted, l2, predict, quantize, value_and_grad
-from advshield.attacks.ddn import ddn
+from advshield.attacks.boundary_projection import bp
+from advshield.attacks.decoupled_direction_norm import ddn
+from advshield.attacks.primitives import Counted, l2, predict, quantize, value_and_grad
 from advshield.attacks.transfer import Ensemble, load_surrogates, surrogate_model, transfer_attack
+from advshield.core.errors import InputError
 from advshield.defenses.base import Defense, NonDifferentiableError
-from advshield.errors import InputError
 
 
 class Square(Defense):

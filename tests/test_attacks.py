@@ -7,8 +7,10 @@ import pytest
 import torch
 from attack_helpers import linear_model, targeted_optimum, tiny_cnn
 
-from advshield.attacks.bp import bp
-from advshield.attacks.core import (
+from advshield.attacks.boundary_projection import bp
+from advshield.attacks.deepfool import deepfool
+from advshield.attacks.gradient import pgd
+from advshield.attacks.primitives import (
     Counted,
     decision_logits,
     l2,
@@ -18,8 +20,6 @@ from advshield.attacks.core import (
     quantize,
     value_and_grad,
 )
-from advshield.attacks.deepfool import deepfool
-from advshield.attacks.gradient import pgd
 from advshield.attacks.registry import ATTACKS, get_attack, run_attack
 from advshield.attacks.threat import (
     NOT_FINITE,
@@ -30,7 +30,7 @@ from advshield.attacks.threat import (
     check_adversarial,
     judge,
 )
-from advshield.errors import ConfigError, InputError
+from advshield.core.errors import ConfigError, InputError
 
 # (attack, hyper-parameters, grey levels of the check, bound on distortion / optimum).
 # C&W ends exactly on the boundary and is not quantization-aware (rounding flips some of its
@@ -106,7 +106,7 @@ def test_thesis_bp_keeps_its_first_adversarial_point_on_a_binary_linear_model():
 
 def test_bp_out_step_lies_on_the_tangent_hyperplane_and_the_sphere():
     """One OUT step without rounding (eq. 5.4): ||z - x|| = gamma ||r|| and <z - y, g> = 0."""
-    from advshield.attacks.bp import _unit_or_zero
+    from advshield.attacks.boundary_projection import _unit_or_zero
 
     g0 = torch.Generator().manual_seed(3)
     x, y = torch.rand(4, 1, 6, 6, generator=g0), torch.rand(4, 1, 6, 6, generator=g0)
@@ -124,7 +124,7 @@ def test_bp_out_step_lies_on_the_tangent_hyperplane_and_the_sphere():
 
 def test_bp_in_step_with_rounding_never_stalls():
     """Q_IN (eq. 5.10): a step shorter than beta_min is stretched, so rounding cannot cancel it."""
-    from advshield.attacks.bp import q_in
+    from advshield.attacks.boundary_projection import q_in
 
     y = quantize(torch.full((3, 1, 28, 28), 0.5))
     z = y + 1e-4 * normalize(torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)))

@@ -23,8 +23,8 @@ from advshield.attacks.audit import (
 )
 from advshield.attacks.registry import AttackSpec
 from advshield.attacks.report import compute_metrics
-from advshield.configs import from_mapping
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
+from advshield.core.validation import from_mapping
 from advshield.plugin.config import load_pipeline
 
 N = 12

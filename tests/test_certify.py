@@ -7,7 +7,7 @@ import pytest
 
 from advshield.attacks.certify import CertifySpec, run_certification
 from advshield.cli import main
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
 
 
 def test_certify_command_writes_records_summary_and_plot(tmp_path, pipeline_path, capsys):

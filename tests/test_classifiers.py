@@ -3,7 +3,7 @@ import onnx
 import pytest
 import torch
 
-from advshield.errors import InputError, ModelError, ParityError
+from advshield.core.errors import InputError, ModelError, ParityError
 from advshield.plugin.classifiers import Classifier, OnnxClassifier, TwinClassifier
 
 

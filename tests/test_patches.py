@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from advshield.core.errors import ArtifactError, ConfigError, InputError
 from advshield.defenses.base import NonDifferentiableError, bpda_apply
 from advshield.defenses.patches import (
     Codebooks,
@@ -24,7 +25,6 @@ from advshield.defenses.patches import (
     torch_nearest,
 )
 from advshield.defenses.registry import build_defense, parse_defense
-from advshield.errors import ArtifactError, ConfigError, InputError
 
 # small enough for tests; one faiss thread (its OpenMP threads stall on shared cores)
 SMALL = {"codewords": 256, "sample": 20_000, "fit_images": 2_000, "iterations": 10, "artifact": "cb", "fit_threads": 1}
@@ -32,7 +32,7 @@ SMALL = {"codewords": 256, "sample": 20_000, "fit_images": 2_000, "iterations": 
 
 @pytest.fixture(scope="module")
 def fashion_train():
-    from advshield.data import load_fashion_mnist
+    from advshield.core.data import load_fashion_mnist
 
     return load_fashion_mnist("train")
 

@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from advshield.cli import main
-from advshield.commands.core import DEFAULT_PIPELINE
-from advshield.commands.fit import FitSpec, fit_pipeline, fit_spec
-from advshield.data import Dataset, load_fashion_mnist
-from advshield.defenses.base import Defense, sha256_file, verify_artifact, write_artifact_meta
+from advshield.core.data import Dataset, load_fashion_mnist
+from advshield.core.errors import ArtifactError, ConfigError
+from advshield.core.hashing import sha256_file
+from advshield.core.resources import DEFAULT_PIPELINE
+from advshield.defenses.base import Defense, verify_artifact, write_artifact_meta
 from advshield.defenses.registry import build_defense, register_defense
 from advshield.defenses.squeeze import JpegConfig, MedianConfig
-from advshield.errors import ArtifactError, ConfigError
 from advshield.plugin.config import load_pipeline, loads_pipeline
 from advshield.plugin.decode import encode_png
+from advshield.plugin.fitting import FitSpec, fit_pipeline, fit_spec
 from advshield.plugin.pipeline import DefendedClassifier
 
 PIPELINES = Path(DEFAULT_PIPELINE).parent

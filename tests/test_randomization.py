@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from advshield.core.errors import ConfigError
 from advshield.defenses.randomization import (
     draw_resize_pad,
     gaussian_noise,
@@ -16,7 +17,6 @@ from advshield.defenses.randomization import (
     resize_pad,
 )
 from advshield.defenses.registry import build_defense, parse_defense
-from advshield.errors import ConfigError
 
 
 def make(spec: dict):

@@ -3,14 +3,28 @@ rendered report (report.json without NaN, report.md, plots)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 
 import pytest
 
 from advshield.attacks.audit import AuditSpec
-from advshield.attacks.report import build_report, compute_metrics, distortion_budget, jsonable, write_report
-from advshield.configs import from_mapping
+from advshield.attacks.gate import evaluate_gate
+from advshield.attacks.report import (
+    REPORT_FORMAT,
+    ReportSchemaError,
+    build_report,
+    compute_metrics,
+    distortion_budget,
+    jsonable,
+    load_schema,
+    validate_report,
+    write_report,
+)
+from advshield.core.validation import from_mapping
+from advshield.plugin.config import GateSpec
 
 SPEC = from_mapping(AuditSpec, {"eps_linf": [0.05, 0.1, 0.2], "eps_l2": [0.5, 1.0, 2.0], "d_upp": 1.0,
                                 "quantiles": [0.25, 0.5, 0.9]}, "audit")
@@ -140,14 +154,17 @@ def test_distortion_budget_puts_certified_next_to_empirical(m):
 
 def test_report_files(m, tmp_path):
     gate = {"passed": False, "reasons": ["clean accuracy 0.8333 < 0.9"],
-            "checks": [{"name": "min_clean_accuracy", "threshold": 0.9, "value": 0.8333, "passed": False, "detail": ""}]}
+            "checks": [{"id": "min_clean_accuracy", "label": "min_clean_accuracy", "threshold": 0.9, "value": 0.8333,
+                        "passed": False, "detail": "clean accuracy 0.8333 < 0.9", "norm": None, "eps": None,
+                        "d_upp": None, "target": None}]}
     warnings = [{"code": "transfer_beats_white_box", "message": "transfer broke 1 sample", "details": {}}]
     report = build_report(pipeline={"name": "hand", "description": "made by hand", "sha256": {"model": "ab" * 32},
                                     "paths": {"model": "m.onnx"}},
                           spec=SPEC, probes={"mode": MODE}, metrics=m, warnings=warnings, gate=gate,
                           budget=distortion_budget({"sigmas": {"0.25": {"samples": 6, "radii": [0.0, 1.0],
                                                                         "certified_accuracy": [0.8, 0.2]}}}, m, 0.5))
-    json_path, md_path = write_report(tmp_path, report)
+    files = write_report(tmp_path, report)
+    json_path, md_path = files.json, files.markdown
     data = json.loads(json_path.read_text())  # strict JSON: written with allow_nan=False
     assert data["metrics"]["attacks"]["ddn"]["quantiles"]["0.9"] == "inf"
     assert data["gate"]["passed"] is False
@@ -177,3 +194,71 @@ def test_budget_over_noise_trained_models_is_not_called_an_interval(m, tmp_path)
         md = write_report(tmp_path, report)[1].read_text()
         assert ("<= true budget <=" in md) is interval
         assert ("about different classifiers" in md) is not interval
+
+
+# --- report.html and the report's JSON Schema ------------------------------------------------------
+
+def full_report(m):
+    """A report as the audit builds it: the hand-made records, a certification budget, a real gate."""
+    budget = distortion_budget({"sigmas": {"0.25": {"samples": 6, "radii": [0.0, 0.5, 1.0],
+                                                    "certified_accuracy": [0.8, 0.6, 0.2]}}}, m, 0.5)
+    gate = evaluate_gate(GateSpec(min_clean_accuracy=0.9, max_success_rate=0.7, gate_eps=0.1), m,
+                         warnings=1, budget=budget)
+    warnings = [{"code": "transfer_beats_white_box", "message": "transfer broke 1 sample", "details": {"samples": [4]}}]
+    return build_report(pipeline={"name": "hand", "description": "made by <hand> & checked", "sha256": {"model": "ab" * 32},
+                                  "paths": {"model": "m.onnx"}},
+                        spec=SPEC, probes={"mode": MODE}, metrics=m, warnings=warnings, gate=gate.to_dict(),
+                        budget=budget, command="advshield audit hand.toml", seconds=3.0)
+
+
+def test_html_report_is_one_self_contained_file_with_the_numbers_of_the_markdown(m, tmp_path):
+    files = write_report(tmp_path, full_report(m))
+    html, md = files.html.read_text(), files.markdown.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    # the four plots embedded as PNG data URIs, nothing loaded from elsewhere
+    uris = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == len(files.plots) == 4
+    assert all(base64.b64decode(u)[:4] == b"\x89PNG" for u in uris)
+    assert not re.search(r'(?:src|href)="(?!data:|#)', html) and not re.search(r"<(?:link|script)\b|url\(", html)
+    assert "made by &lt;hand&gt; &amp; checked" in html  # escaped
+    # the same numbers: every percentage and 3-decimal figure of report.md is a cell or phrase of report.html
+    numbers = set(re.findall(r"\d+\.\d%|\d+\.\d{3}\b", md))
+    assert len(numbers) > 20
+    assert [n for n in numbers if n not in html] == []
+    for text in ("best of ddn, bp", "transfer_beats_white_box", "ab" * 32, "max_success_rate (linf eps = 0.1)",
+                 "&lt;= true budget &lt;="):
+        assert text in html, text
+
+
+def test_written_report_matches_the_schema(m, tmp_path):
+    data = json.loads(write_report(tmp_path, full_report(m)).json.read_text())
+    schema = load_schema()
+    assert data["format"] == REPORT_FORMAT == schema["$id"] and "2020-12" in schema["$schema"]
+    validate_report(data)
+    # gate checks: a stable id, a numeric threshold (None: not set), parameters as fields of their own
+    checks = {c["id"]: c for c in data["gate"]["checks"]}
+    assert list(checks) == ["min_clean_accuracy", "min_robust_accuracy", "max_success_rate", "min_median_distortion",
+                            "min_certified_budget", "max_warnings"]
+    assert {k: checks["max_success_rate"][k] for k in ("threshold", "value", "passed", "norm", "eps")} == \
+        {"threshold": 0.7, "value": 0.6, "passed": True, "norm": "linf", "eps": 0.1}
+    assert (checks["min_clean_accuracy"]["passed"], checks["min_clean_accuracy"]["threshold"]) == (False, 0.9)
+    assert (checks["min_median_distortion"]["threshold"], checks["min_median_distortion"]["passed"]) == (None, None)
+    assert checks["min_certified_budget"]["target"] == 0.5 and checks["min_certified_budget"]["value"] == 0.5
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda r: r["metrics"].pop("clean_accuracy"), "metrics: 'clean_accuracy' is a required property"),
+    (lambda r: r.pop("gate"), "(top level): 'gate' is a required property"),
+    (lambda r: r.update(format="advshield.audit-report/1"), "format: 'advshield.audit-report/2' was expected"),
+    (lambda r: r["metrics"]["attacks"]["ddn"].update(p_suc=1.5), "metrics/attacks/ddn/p_suc: 1.5 is greater than"),
+    (lambda r: r["metrics"]["attacks"]["pgd_linf"].pop("per_eps"), "metrics/attacks/pgd_linf: 'per_eps' is a required"),
+    (lambda r: r["gate"]["checks"][1].update(threshold="-"), "gate/checks/1/threshold: '-' is not of type"),
+    (lambda r: r["gate"]["checks"][0].update(id="clean accuracy"), "gate/checks/0/id: 'clean accuracy' is not one of"),
+    (lambda r: r["metrics"]["attacks"]["ddn"]["quantiles"].update({"0.9": "infinite"}), "metrics/attacks/ddn/quantiles/0.9"),
+])
+def test_a_broken_report_fails_validation(m, corrupt, message):
+    report = json.loads(json.dumps(full_report(m)))
+    validate_report(report)
+    corrupt(report)
+    with pytest.raises(ReportSchemaError, match=re.escape(message)):
+        validate_report(report)

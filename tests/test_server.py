@@ -31,7 +31,7 @@ from server_helpers import call, image_tensor, outputs_of, raw_request, start_se
 from tritonclient.utils import InferenceServerException
 
 from advshield.cli import main
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
 from advshield.plugin import protocol as P
 from advshield.plugin.classifiers import Classifier
 from advshield.plugin.client import RemoteClassifier, RemoteError

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import binom, norm
 
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
 from advshield.plugin.smoothing import (
     ABSTAIN,
     SmoothedClassifier,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from advshield.core.errors import ConfigError, ModelError
 from advshield.defenses.base import NonDifferentiableError
 from advshield.defenses.patches import PatchReplacementConfig, build, extract_patches
-from advshield.errors import ConfigError, ModelError
 from advshield.plugin.split import (
     SplitClassifier,
     bind_feature_extractors,
@@ -173,7 +173,7 @@ path = "artifacts/relu.npy"
 def test_pipeline_stacks_image_and_first_layer(tmp_path, model_path, fashion_test, onnx_classifier):
     """Two layers stacked (thesis 6.3.5): fit both codebooks (the feature one on the model's head),
     then from_config serves image replacement -> head -> feature replacement -> tail."""
-    from advshield.data import load_fashion_mnist
+    from advshield.core.data import load_fashion_mnist
     from advshield.defenses.registry import build_defense
     from advshield.plugin.config import load_pipeline
     from advshield.plugin.pipeline import DefendedClassifier

@@ -10,6 +10,7 @@ import scipy.ndimage as ndi
 import torch
 from PIL import Image
 
+from advshield.core.errors import ConfigError
 from advshield.defenses.base import NonDifferentiableError
 from advshield.defenses.registry import build_defense, parse_defense
 from advshield.defenses.squeeze import (
@@ -22,7 +23,6 @@ from advshield.defenses.squeeze import (
     median_filter,
     non_local_means,
 )
-from advshield.errors import ConfigError
 
 
 def make(spec: dict):

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from advshield.data import load_fashion_mnist
-from advshield.errors import ConfigError
+from advshield.core.data import load_fashion_mnist
+from advshield.core.errors import ConfigError
 from advshield.training import TrainConfig, accuracy, export_onnx, surrogate, train
 
 
@@ -44,7 +44,7 @@ def test_bad_train_config():
 
 
 def test_model_cards_describe_the_embedded_models(model_path, surrogate_path):
-    from advshield.defenses.base import sha256_file
+    from advshield.core.hashing import sha256_file
 
     for path, arch in ((model_path, "cnn"), (surrogate_path, "surrogate")):
         card = json.loads(path.with_suffix(".json").read_text())

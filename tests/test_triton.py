@@ -27,6 +27,8 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from advshield.cli import main
+from advshield.core.errors import ArtifactError, ConfigError
+from advshield.core.hashing import sha256_file
 from advshield.deploy import runtime as R
 from advshield.deploy.triton import (
     DeploySpec,
@@ -34,14 +36,12 @@ from advshield.deploy.triton import (
     generate_repository,
     read_config,
     serve_repository,
-    serving_parity,
     verify_repository,
 )
 from advshield.deploy.tritonserver import SHM_DIR, TritonError, start_triton
-from advshield.errors import ArtifactError, ConfigError
 from advshield.plugin import protocol as P
-from advshield.plugin.client import RemoteClassifier, RemoteError
-from advshield.plugin.config import load_pipeline, sha256_file
+from advshield.plugin.client import RemoteClassifier, RemoteError, serving_parity
+from advshield.plugin.config import load_pipeline
 from advshield.plugin.decode import encode_png
 from advshield.plugin.pipeline import DefendedClassifier
 
@@ -161,7 +161,7 @@ response_cache = true
 @pytest.fixture(scope="session")
 def pipelines(tmp_path_factory, model_path):
     """The three pipeline files, their artifacts fitted (``advshield fit``'s code, small samples)."""
-    from advshield.commands.fit import fit_pipeline, fit_spec
+    from advshield.plugin.fitting import fit_pipeline, fit_spec
 
     folder = tmp_path_factory.mktemp("triton_pipelines")
     paths = {}
@@ -471,8 +471,8 @@ def test_transfer_examples_rescored_through_triton_keep_parity(remotes, referenc
     """Adversarial examples crafted elsewhere (FGSM on the twin of the model, a transfer attack
     on the defended pipeline), quantized to 8 bits, then re-scored through the live ensemble:
     same numbers as in process."""
-    from advshield.attacks.core import quantize
     from advshield.attacks.gradient import fgsm
+    from advshield.attacks.primitives import quantize
 
     labels = torch.from_numpy(fashion_test.labels[:16]).long()
     adv = quantize(fgsm(twin, images[:16], labels, eps=8 / 255))

@@ -13,7 +13,9 @@ import argparse
 import signal
 import threading
 
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
+from advshield.deploy.triton import generate_repository, serve_repository
+from advshield.deploy.tritonserver import make_stub_env
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,8 +63,6 @@ def _gpus(text: str | None) -> tuple[int, ...] | None:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from advshield.deploy.triton import generate_repository, serve_repository
-
     backend = args.classifier_backend or ("python" if args.serve else None)
     repo = generate_repository(
         args.pipeline, args.out, overwrite=args.force, classifier_backend=backend, gpu=args.gpu,
@@ -99,8 +99,6 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_env(args: argparse.Namespace) -> int:
-    from advshield.deploy.tritonserver import make_stub_env
-
     path = make_stub_env(args.dest)
     print(f"stub environment ready: {path} (numpy < 2 for the Python backend stub; the venv's packages via a .pth)")
     return 0

@@ -8,11 +8,15 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-from advshield.errors import AdvshieldError
+import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from advshield.core.errors import AdvshieldError
+from advshield.plugin.client import RemoteClassifier
+from advshield.plugin.config import load_pipeline
+from advshield.plugin.scoring import ImageScore, collect_images, score_files
+from advshield.plugin.server import read_token, serve, serve_spec, setup_json_logging
+
 TOKEN_ENV = "ADVSHIELD_TOKEN"
 
 
@@ -59,8 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _token(args, spec_token_file: str = "") -> str | None:
-    from advshield.plugin.server import read_token
-
     if args.token:
         return args.token
     if args.token_file:
@@ -73,9 +75,6 @@ def _token(args, spec_token_file: str = "") -> str | None:
 # --- serve ---------------------------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
-    from advshield.plugin.config import load_pipeline
-    from advshield.plugin.server import serve, serve_spec, setup_json_logging
-
     cfg = load_pipeline(args.pipeline)
     spec = serve_spec(
         cfg, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
@@ -92,21 +91,6 @@ def cmd_serve(args) -> int:
 
 # --- score ---------------------------------------------------------------------------------------
 
-def collect_images(items: list[str]) -> list[Path]:
-    """Files as given (any suffix), folders searched recursively for PNG/JPEG files."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise AdvshieldError(f"no PNG or JPEG files in folder {p}")
-            out.extend(found)
-        else:
-            out.append(p)
-    return out
-
-
 class _Writer:
     def __init__(self, mode: str, class_names: tuple[str, ...], detector: bool, top: int) -> None:
         self.mode, self.names, self.detector, self.top = mode, class_names, detector, top
@@ -119,28 +103,28 @@ class _Writer:
     def _class(self, label: int) -> str:
         return self.names[label] if 0 <= label < len(self.names) else "(rejected)"  # -1: detector reject
 
-    def row(self, name: str, label: int, probs, score, flagged, seed) -> None:
-        import numpy as np
-
-        if self.mode == "json":
-            rec = {"image": name, "label": label, "class": self._class(label),
-                   "probs": [round(float(p), 6) for p in probs]}
+    def row(self, r: ImageScore) -> None:
+        if r.error:
+            self._error(r.image, r.error)
+        elif self.mode == "json":
+            rec = {"image": r.image, "label": r.label, "class": self._class(r.label),
+                   "probs": [round(float(p), 6) for p in r.probs]}
             if self.detector:
-                rec.update(detector_score=round(float(score), 6), flagged=bool(flagged))
-            if seed is not None:
-                rec["seed"] = seed
+                rec.update(detector_score=round(r.detector_score, 6), flagged=r.flagged)
+            if r.seed is not None:
+                rec["seed"] = r.seed
             print(json.dumps(rec))
         elif self.csv is not None:
-            self.csv.writerow([name, label, self._class(label), "" if not self.detector else int(bool(flagged)),
-                               "" if not self.detector else f"{float(score):.6f}", "" if seed is None else seed, "",
-                               *[f"{float(p):.6f}" for p in probs]])
+            self.csv.writerow([r.image, r.label, self._class(r.label), "" if not self.detector else int(r.flagged),
+                               "" if not self.detector else f"{r.detector_score:.6f}",
+                               "" if r.seed is None else r.seed, "", *[f"{float(p):.6f}" for p in r.probs]])
         else:
-            order = np.argsort(-probs)[: self.top]
-            top = "  ".join(f"{self.names[j]} {probs[j]:.3f}" for j in order)
-            flag = f"  [{'FLAGGED' if flagged else 'ok'} {float(score):.3f}]" if self.detector else ""
-            print(f"{name:<40} {label:>3} {self._class(label):<12} {top}{flag}")
+            order = np.argsort(-r.probs)[: self.top]
+            top = "  ".join(f"{self.names[j]} {r.probs[j]:.3f}" for j in order)
+            flag = f"  [{'FLAGGED' if r.flagged else 'ok'} {r.detector_score:.3f}]" if self.detector else ""
+            print(f"{r.image:<40} {r.label:>3} {self._class(r.label):<12} {top}{flag}")
 
-    def error(self, name: str, message: str) -> None:
+    def _error(self, name: str, message: str) -> None:
         if self.mode == "json":
             print(json.dumps({"image": name, "error": message}))
         elif self.csv is not None:
@@ -150,50 +134,15 @@ class _Writer:
 
 
 def cmd_score(args) -> int:
-    from tqdm import tqdm
-
-    from advshield.plugin.client import RemoteClassifier, RemoteError
-
     files = collect_images(args.images)
     if args.batch_size is not None and args.batch_size < 1:
         raise AdvshieldError(f"--batch-size must be >= 1, got {args.batch_size}")
+    errors = 0
     with RemoteClassifier(args.url, args.model, token=_token(args), ssl=args.tls, root_certificates=args.tls_ca,
                           timeout=args.timeout, batch_size=args.batch_size) as clf:
         writer = _Writer("json" if args.json else "csv" if args.csv else "table", clf.class_names,
                          bool(clf.detector), args.top)
-        errors = 0
-        bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet or len(files) <= clf.batch_size)
-        for k, start in enumerate(range(0, len(files), clf.batch_size)):
-            chunk, datas = [], []
-            for f in files[start : start + clf.batch_size]:
-                try:
-                    datas.append(f.read_bytes())
-                    chunk.append(str(f))
-                except OSError as e:
-                    errors += 1
-                    writer.error(str(f), f"cannot read file: {e.strerror}")
-            seed = None if args.seed is None else args.seed + k
-            try:
-                results = [clf.predict_bytes(datas, seed)] if datas else []
-                names = [chunk]
-            except RemoteError as e:
-                if e.code != "INVALID_ARGUMENT":
-                    raise
-                results, names = [], []  # one bad image fails its request: find it, score the rest
-                for name, data in zip(chunk, datas):
-                    try:
-                        results.append(clf.predict_bytes([data], seed))
-                        names.append([name])
-                    except RemoteError as e1:
-                        if e1.code != "INVALID_ARGUMENT":
-                            raise
-                        errors += 1
-                        writer.error(name, e1.detail.removeprefix("IMAGE[0]: "))
-            for pred, group in zip(results, names):
-                for i, name in enumerate(group):
-                    writer.row(name, int(pred.labels[i]), pred.probs[i],
-                               None if pred.score is None else pred.score[i],
-                               None if pred.flagged is None else pred.flagged[i], pred.seed)
-            bar.update(len(files[start : start + clf.batch_size]))
-        bar.close()
+        for record in score_files(clf, files, seed=args.seed, show_progress=not args.quiet):
+            errors += bool(record.error)
+            writer.row(record)
     return 1 if errors else 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from advshield.attacks.core import (
+from advshield.attacks.primitives import (
     Model,
     check_inputs,
     check_positive,
@@ -20,7 +20,7 @@ from advshield.attacks.core import (
     margin,
     value_and_grad,
 )
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 
 def cw_l2(

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from advshield.errors import ConfigError
+from advshield.core.errors import ConfigError
 
 T = TypeVar("T")
 

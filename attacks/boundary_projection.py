@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from advshield.attacks.core import (
+from advshield.attacks.primitives import (
     LossName,
     Model,
     bview,
@@ -39,7 +39,7 @@ from advshield.attacks.core import (
     quantize,
     value_and_grad,
 )
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 # scales tried by the Q_OUT line search: rounding mostly shrinks small steps, so mostly beta > 1
 BETAS: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from advshield.errors import DataError
+from advshield.core.errors import DataError
+from advshield.core.hashing import sha256_arrays
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
@@ -60,10 +60,7 @@ class Dataset:
 
     def sha256(self) -> str:
         """Hash of pixels and labels: identifies the data an artifact was fitted on."""
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        h.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
-        return h.hexdigest()
+        return sha256_arrays(self.images, self.labels.astype(np.int64))
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -136,6 +133,17 @@ def load_mnist5k() -> Dataset:
     table = np.loadtxt(path, delimiter=",", dtype=np.int64)
     images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
     return Dataset(images, table[:, -1], MNIST_CLASSES, "mnist-5k")
+
+
+DATASETS = ("fashion-mnist", "mnist-5k", "idx")
+_CLASSES = {"fashion-mnist": FASHION_CLASSES, "mnist-5k": MNIST_CLASSES, "idx": MNIST_CLASSES}
+
+
+def dataset_classes(name: str) -> tuple[str, ...]:
+    """The class names of a data set known by name (the labels' order)."""
+    if name not in _CLASSES:
+        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(map(repr, DATASETS))}")
+    return _CLASSES[name]
 
 
 def load_dataset(name: str, split: str = "test", directory: str | Path | None = None) -> Dataset:

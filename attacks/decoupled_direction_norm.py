@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from advshield.attacks.core import (
+from advshield.attacks.primitives import (
     Model,
     bview,
     check_inputs,
@@ -25,7 +25,7 @@ from advshield.attacks.core import (
     quantize,
     value_and_grad,
 )
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 
 def ddn(

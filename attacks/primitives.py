@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from advshield.errors import InputError
+from advshield.core.errors import InputError
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Norm = Literal["linf", "l2"]

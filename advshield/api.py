@@ -1,0 +1,194 @@
+"""advshield's Python API: what every command runs, as library calls.
+
+    import advshield
+
+    cfg = advshield.load_pipeline("pipeline.toml")
+    advshield.fit(cfg)                                   # codebooks, detector threshold
+    result = advshield.audit(cfg, out="runs/audit", samples=100)
+    print(result.metrics["clean_accuracy"], result.gate.passed, result.paths["report_md"])
+    cert = advshield.certify(cfg, sigmas=(0.25,), samples=50)
+    pred = advshield.predict(cfg, images)                # numpy/torch batch, or image files/bytes
+    advshield.serve(cfg, port=8001)                      # blocks until SIGINT/SIGTERM
+
+Every function takes a pipeline as a path or as the ``PipelineConfig`` that ``load_pipeline``
+returns. Keyword overrides left at None keep the pipeline file's value, exactly as the CLI's flags.
+Errors a user can cause raise ``advshield.AdvshieldError`` subclasses with a message naming the
+problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from advshield.attacks.audit_pipeline import AuditResult, audit_pipeline
+from advshield.attacks.certify import CertifyResult, certify_pipeline, certify_spec
+from advshield.core.errors import ImageError
+from advshield.deploy.triton import Repository, generate_repository
+from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
+from advshield.plugin.config import PipelineConfig
+from advshield.plugin.config import load_pipeline as _load_pipeline
+from advshield.plugin.decode import decode_image
+from advshield.plugin.fitting import fit_pipeline, fit_spec
+from advshield.plugin.pipeline import DefendedClassifier, Prediction
+from advshield.plugin.server import ScoringServer, build_server, serve_spec
+from advshield.plugin.server import serve as _serve_forever
+from advshield.training import train_models
+
+PipelineLike = PipelineConfig | str | Path
+
+
+def load_pipeline(pipeline: PipelineLike) -> PipelineConfig:
+    """The pipeline file, parsed and validated (relative paths resolve against the file's folder)."""
+    return pipeline if isinstance(pipeline, PipelineConfig) else _load_pipeline(pipeline)
+
+
+def fit(pipeline: PipelineLike, *, samples: int | None = None, calibration: int | None = None,
+        seed: int | None = None, batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Learn the pipeline's artifacts (codebooks, detector threshold) on its data set's TRAIN split;
+    returns a summary (per defense and detector: images, seconds, artifacts and their sha256)."""
+    cfg = load_pipeline(pipeline)
+    spec = fit_spec(cfg, samples=samples, calibration=calibration, seed=seed, batch_size=batch_size)
+    return fit_pipeline(cfg, spec, progress=progress)
+
+
+def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int | None = None,
+          start: int | None = None, batch_size: int | None = None, seed: int | None = None,
+          attacks: Sequence[str] | None = None, adaptive: Literal["auto", "on", "off"] | None = None,
+          eot_samples: int | None = None, detector_aware: bool | None = None, target: str | None = None,
+          token: str | None = None, fresh: bool = False, certify: bool | None = None,
+          certify_dir: str | Path | None = None, threads: int | None = None, progress: bool = True,
+          command: str = "") -> AuditResult:
+    """Attack the defended pipeline, write records and the report under ``out``, apply the gate.
+
+    See ``advshield.attacks.audit_pipeline.audit_pipeline`` for the parameters; ``threads`` sets
+    torch's thread count for the run (1 is best on a busy machine)."""
+    cfg = load_pipeline(pipeline)
+    if threads:
+        torch.set_num_threads(threads)
+    return audit_pipeline(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
+                          attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
+                          target=target, token=token, fresh=fresh, certify=certify, certify_dir=certify_dir,
+                          progress=progress, command=command)
+
+
+def certify(pipeline: PipelineLike, *, out: str | Path | None = None, sigmas: Sequence[float] | None = None,
+            models: Sequence[str | Path] | None = None, n0: int | None = None, n: int | None = None,
+            alpha: float | None = None, samples: int | None = None, start: int | None = None,
+            batch_size: int | None = None, seed: int | None = None, target: str | None = None,
+            token: str | None = None, progress: bool = True) -> CertifyResult:
+    """Randomized-smoothing certification over the whole pipeline (the ``[certify]`` section with
+    these overrides). ``models``: a noise-trained base model per sigma; paths given here are taken
+    as they are (relative to the working folder), those in the file relative to the file. Passing
+    ``sigmas`` without ``models`` drops the file's models."""
+    cfg = load_pipeline(pipeline)
+    overrides: dict[str, Any] = {"n0": n0, "n": n, "alpha": alpha, "samples": samples, "start": start,
+                                 "batch_size": batch_size, "seed": seed,
+                                 "sigmas": tuple(sigmas) if sigmas else None,
+                                 "models": tuple(str(Path(m).resolve()) for m in models) if models else None}
+    if sigmas and not models and cfg.extra.get("certify", {}).get("models"):
+        overrides["models"] = ()
+    spec = certify_spec(cfg, **overrides)
+    return certify_pipeline(cfg, spec, Path(out or f"runs/certify/{cfg.pipeline.name}"), target=target, token=token,
+                            progress=progress)
+
+
+def info(pipeline: PipelineLike, *, parity: bool = False) -> dict[str, Any]:
+    """What the pipeline uses: input shape, defenses, detector, randomness, every file with its
+    sha256 (verified against the pins); ``parity``: also the twin's max |logit difference|."""
+    cfg = load_pipeline(pipeline)
+    sums = cfg.checksums(verify=True)
+    files = cfg.files()
+    report: dict[str, Any] = {
+        "pipeline": cfg.pipeline.name,
+        "source": str(cfg.source),
+        "input": list(cfg.input.shape),
+        "defenses": [e.type for e in cfg.defenses],
+        "detector": cfg.detector.type if cfg.detector else None,
+        "random": cfg.random,
+        "files": {k: {"path": str(files[k][0]), "sha256": v} for k, v in sums.items()},
+    }
+    if parity:
+        twin = TwinClassifier(cfg.model_path, tolerance=cfg.model.parity_tolerance,
+                              reference=OnnxClassifier(cfg.model_path, device="cpu"))
+        report["twin_parity_max_abs_diff"] = twin.parity.max_abs_diff
+    return report
+
+
+def classifier(pipeline: PipelineLike) -> DefendedClassifier:
+    """The defended pipeline in process (defenses, classifier, detector), as ``serve`` runs it."""
+    return DefendedClassifier.from_config(load_pipeline(pipeline))
+
+
+def predict(pipeline: PipelineLike | DefendedClassifier, images: Any, *, seed: int | None = None) -> Prediction:
+    """Classify ``images`` through the defended pipeline.
+
+    ``images``: a float batch [N, C, H, W] in [0, 1] (numpy or torch), or a sequence of image files
+    (paths) or encoded PNG/JPEG bytes, decoded by the serving path's decoder (``ImageError`` names
+    the image that fails)."""
+    clf = pipeline if isinstance(pipeline, DefendedClassifier) else classifier(pipeline)
+    if isinstance(images, list | tuple) and images and isinstance(images[0], str | Path | bytes):
+        assert clf.config is not None
+        arrays = []
+        for i, item in enumerate(images):
+            try:
+                data = item if isinstance(item, bytes) else Path(item).read_bytes()
+                arrays.append(decode_image(data, clf.config.input))
+            except OSError as e:
+                raise ImageError(f"image {i} ({item}): cannot read file: {e.strerror}") from None
+            except ImageError as e:
+                raise ImageError(f"image {i} ({item if not isinstance(item, bytes) else 'bytes'}): {e}") from None
+        images = np.stack(arrays)
+    return clf.predict(images, seed=seed)
+
+
+def serve(pipeline: PipelineLike, *, block: bool = True, token: str | None = None,
+          **overrides: Any) -> int | ScoringServer:
+    """advshield's KServe v2 gRPC scoring server for the pipeline (the ``[serve]`` section with
+    ``overrides``: host, port, max_batch_size, ...). ``block=True`` serves until SIGINT/SIGTERM and
+    returns the exit status; ``block=False`` returns the started ``ScoringServer`` (a context
+    manager; ``.port``, ``.stop()``)."""
+    cfg = load_pipeline(pipeline)
+    spec = serve_spec(cfg, **overrides)
+    if block:
+        return _serve_forever(cfg, spec, token)
+    return build_server(cfg, spec, token).start()
+
+
+def deploy_triton(pipeline: PipelineLike, out: str | Path, *, overwrite: bool = False, **options: Any) -> Repository:
+    """Generate the Triton model repository (ensemble: preprocessing/defenses, classifier,
+    post-processing) for the pipeline; ``options`` override its ``[deploy]`` section (gpu,
+    classifier_backend, max_batch_size, instances...), see ``advshield.deploy.triton``."""
+    return generate_repository(pipeline, out, overwrite=overwrite, **options)
+
+
+def train(out: str | Path, *, data_dir: str | Path | None = None, epochs: int = 4, seed: int = 0,
+          noise_sigma: float = 0.0, surrogate: bool = True, threads: int = 2,
+          progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Train the embedded default's models on Fashion-MNIST (reference CNN, transfer surrogate;
+    ``noise_sigma`` > 0: a Gaussian-noise base model for smoothing) and export them to ONNX in
+    ``out``; returns each model's card (accuracy, sha256, parity)."""
+    return train_models(Path(out), data_dir=data_dir, epochs=epochs, seed=seed, noise_sigma=noise_sigma,
+                        surrogate=surrogate, threads=threads, progress=progress)
+
+
+__all__ = [
+    "AuditResult",
+    "CertifyResult",
+    "PipelineConfig",
+    "Prediction",
+    "audit",
+    "certify",
+    "classifier",
+    "deploy_triton",
+    "fit",
+    "info",
+    "load_pipeline",
+    "predict",
+    "serve",
+    "train",
+]

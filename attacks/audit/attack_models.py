@@ -1,0 +1,90 @@
+"""What the audit attacks and what it scores with: the attack models built for the audit's mode
+(BPDA, EOT, detector-aware) and the serving path that re-scores every example."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from advshield.attacks.adaptive import DEFAULT_EOT_SAMPLES, AttackModel, is_random, twin_of
+from advshield.attacks.audit.spec import AuditSpec
+from advshield.attacks.primitives import Counted
+from advshield.attacks.transfer import load_surrogates, surrogate_model
+from advshield.plugin.pipeline import DefendedClassifier
+
+
+class Scorer(Protocol):
+    """The serving path: ``DefendedClassifier`` in process or ``RemoteClassifier`` over gRPC."""
+
+    random: bool
+
+    def predict(self, x: torch.Tensor, seed: int | None = None) -> Any: ...
+
+
+@dataclass
+class Setup:
+    scorer: Scorer
+    model: Callable[[torch.Tensor], torch.Tensor]  # white-box attack model (counts gradients)
+    surrogate: Callable[[torch.Tensor], torch.Tensor] | None = None  # transfer attacks craft on it
+    mode: dict[str, Any] = field(default_factory=dict)  # how the models were built, for the report
+    twin: Callable[[torch.Tensor], torch.Tensor] | None = None  # the pipeline's differentiable classifier
+    defenses: Sequence[Any] = ()  # the pipeline's defense steps (whatever the mode)
+
+
+def counted(model: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    return model if hasattr(model, "gradients") and hasattr(model, "reset") else _Resettable(model)
+
+
+class _Resettable(Counted):
+    def reset(self, seed: int | None = None) -> None:  # type: ignore[override]
+        self.forwards = self.gradients = 0
+
+
+def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Scorer | None = None) -> Setup:
+    """The attack models for ``spec.adaptive`` over the pipeline ``cfg``; ``scorer`` defaults to
+    the in-process serving path. ``probe``: clean images to measure randomness on."""
+    defended = DefendedClassifier.from_config(cfg)
+    scorer = scorer if scorer is not None else defended
+    twin = twin_of(defended)
+    declared = bool(defended.random)
+    measured = bool(defended.defenses) and is_random(lambda x, g: defended.defend(x, g), probe)
+    random = declared or measured
+    adaptive = spec.adaptive
+    if adaptive == "off":
+        eot = 1
+        model = AttackModel(twin, [], seed=spec.seed)
+    else:
+        eot = (spec.eot_samples or DEFAULT_EOT_SAMPLES) if (random or adaptive == "on") else 1
+        model = AttackModel(twin, defended.defenses, eot_samples=eot, seed=spec.seed)
+    aware = adaptive != "off" and spec.detector_aware and defended.detector is not None
+    if aware:
+        det = defended.detector
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            return det.logits_and_score(model.defend(x), twin, bpda=True)[1]
+
+        model.detector = score
+        model.threshold = float(det.threshold)
+        model.detector_weight = spec.detector_weight
+    surrogate = None
+    if cfg.surrogate_path is not None and any(e.transfer for e in spec.entries) and spec.transfer:
+        members = load_surrogates([cfg.surrogate_path], device=cfg.model.device, tolerance=cfg.model.parity_tolerance)
+        surrogate = surrogate_model(members, model.defenses, eot_samples=model.eot_samples, seed=spec.seed)
+    mode = {
+        "adaptive": adaptive,
+        "defenses": [repr(d) for d in defended.defenses],
+        "bpda": [d.name for d in model.defenses if not d.differentiable],
+        "random_declared": declared,
+        "random_measured": measured,
+        "eot_samples": model.eot_samples,
+        "detector": repr(defended.detector) if defended.detector is not None else None,
+        "detector_aware": aware,
+        "detector_threshold": float(defended.detector.threshold) if defended.detector is not None else None,
+        "detector_fpr_target": float(defended.detector.config.fpr) if defended.detector is not None else None,
+        "surrogate": cfg.surrogate_path.name if surrogate is not None else None,
+        "scorer": repr(scorer) if scorer is not defended else "in process (DefendedClassifier)",
+    }
+    return Setup(scorer, model, surrogate, mode, twin, list(defended.defenses))

@@ -1,0 +1,247 @@
+"""The audit runner: phases and units over fixed batches, the cascade over the samples still
+robust, every example checked, rounded and re-scored, one record per (sample, attack, eps)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from advshield.attacks.audit.attack_models import Setup, counted
+from advshield.attacks.audit.records import (
+    EXAMPLES,
+    FORMAT,
+    RECORDS,
+    RecordLog,
+    UnitKey,
+    derive_seed,
+    eps_key,
+)
+from advshield.attacks.audit.spec import RECORD_SETTINGS, AttackEntry, AuditSpec
+from advshield.attacks.registry import get_attack, run_attack
+from advshield.attacks.threat import DIST_TOL, REASONS, ThreatModel, check_adversarial, judge
+from advshield.core.errors import InputError
+from advshield.core.progress import progress as progress_bar
+from advshield.core.validation import to_mapping
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One attack at one eps over the samples still robust in one batch."""
+
+    attack: str  # id
+    name: str  # registered attack
+    hyper: Mapping[str, Any]
+    kind: str
+    norm: str
+    source: str  # white-box, transfer, sanity
+    eps: float | None
+    batch: int
+
+    @property
+    def key(self) -> UnitKey:
+        return (self.attack, eps_key(self.eps), self.batch)
+
+
+class Auditor:
+    """Runs the phases over ``images`` (float32 NCHW) / ``labels`` and writes ``out/records.jsonl``."""
+
+    def __init__(self, setup: Setup, spec: AuditSpec, images: np.ndarray, labels: np.ndarray, out: Path, *,
+                 fresh: bool = False, progress: bool = True, header: Mapping[str, Any] | None = None,
+                 on_commit: Callable[[UnitKey], None] | None = None) -> None:
+        if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+            raise InputError(f"audit: need images [N, C, H, W] and labels [N], got {list(images.shape)} and {list(labels.shape)}")
+        self.setup, self.spec, self.out = setup, spec, Path(out)
+        self.images = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+        self.labels = torch.from_numpy(np.asarray(labels, np.int64))
+        self.n = len(images)
+        self.progress = progress
+        self.on_commit = on_commit
+        self.model = counted(setup.model)
+        self.surrogate = counted(setup.surrogate) if setup.surrogate is not None else None
+        table = to_mapping(spec)
+        settings = {k: table[k] for k in RECORD_SETTINGS}
+        settings.update({f"mode.{k}": v for k, v in setup.mode.items()})
+        settings.update(dict(header or {}))
+        full = {"format": FORMAT, "settings": settings,
+                "fingerprint": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
+                "attacks": {e.id: e.describe() for e in spec.entries}}
+        if fresh and (self.out / EXAMPLES).is_dir():
+            shutil.rmtree(self.out / EXAMPLES)  # the stored examples of the discarded records
+        self.log = RecordLog(self.out / RECORDS, full, fresh=fresh)
+        self.broken = {"l2": np.full(self.n, np.inf), "linf": np.full(self.n, np.inf)}
+        self.correct = np.zeros(self.n, dtype=bool)
+        self.clean: dict[int, dict[str, Any]] = {}
+        for r in self.log.records:
+            self._absorb(r)
+
+    # --- bookkeeping
+    def _pos(self, sample: int) -> int:
+        return sample - self.spec.start
+
+    def _absorb(self, r: dict[str, Any]) -> None:
+        p = self._pos(r["sample"])
+        if r["attack"] == "clean":
+            self.clean[p] = r
+            self.correct[p] = r["correct"]
+        elif r["success"]:
+            self.broken["l2"][p] = min(self.broken["l2"][p], r["l2"])
+            self.broken["linf"][p] = min(self.broken["linf"][p], r["linf"])
+
+    def batches(self) -> list[np.ndarray]:
+        b = self.spec.batch_size
+        return [np.arange(i, min(i + b, self.n)) for i in range(0, self.n, b)]
+
+    def units(self) -> list[Unit]:
+        """Every unit of phases 2 to 5, in order (phase 1, clean, comes first and is separate)."""
+        spec, nb = self.spec, len(self.batches())
+        out: list[Unit] = []
+
+        def add(e: AttackEntry, eps: float | None, source: str) -> None:
+            out.extend(Unit(e.id, e.name, e.hyper, e.kind, e.norm, source, eps, b) for b in range(nb))
+
+        white = [e for e in spec.entries if not e.transfer]
+        transfer = [e for e in spec.entries if e.transfer] if spec.transfer and self.surrogate is not None else []
+        for group in (white, transfer):
+            for e in group:
+                if e.kind == "minimal":
+                    add(e, None, e.source)
+            for norm in ("l2", "linf"):
+                budget = [e for e in group if e.kind == "budget" and e.norm == norm]
+                for eps in sorted({x for e in budget for x in spec.eps_for(e)}):
+                    for e in budget:
+                        if eps in spec.eps_for(e):
+                            add(e, eps, e.source)
+        if spec.sanity_eps > 0 and spec.sanity_samples > 0:
+            out.append(Unit("sanity_pgd_linf", "pgd_linf", MappingProxyType({}), "budget", "linf", "sanity",
+                            spec.sanity_eps, 0))
+        return out
+
+    def targets(self, unit: Unit) -> np.ndarray:
+        """Positions the unit attacks: its batch's correct samples (minimal attacks), those still
+        robust at eps (budget attacks), the first ``sanity_samples`` correct ones (sanity)."""
+        if unit.source == "sanity":
+            return np.flatnonzero(self.correct)[: self.spec.sanity_samples]
+        pos = self.batches()[unit.batch]
+        keep = self.correct[pos]
+        if unit.kind == "budget" and unit.eps is not None:
+            keep &= self.broken[unit.norm][pos] > unit.eps + DIST_TOL
+        return pos[keep]
+
+    # --- running
+    def run(self) -> list[dict[str, Any]]:
+        units = self.units()
+        batches = self.batches()
+        todo_clean = [b for b in range(len(batches)) if ("clean", None, b) not in self.log.done]
+        todo = [u for u in units if u.key not in self.log.done]
+        with progress_bar(total=len(todo_clean) + len(todo), desc="audit", unit="batch", enabled=self.progress) as bar:
+            for b in todo_clean:
+                bar.set_postfix_str(f"clean batch {b}")
+                self._clean(b, batches[b])
+                bar.update()
+            for u in todo:
+                pos = self.targets(u)
+                eps = "" if u.eps is None else f" eps={u.eps:g}"
+                bar.set_postfix_str(f"{u.attack}{eps} batch {u.batch}: {len(pos)} samples")
+                self._attack(u, pos)
+                bar.update()
+        self.log.close()
+        return self.log.records
+
+    def _commit(self, key: UnitKey, rows: list[dict[str, Any]]) -> None:
+        self.log.commit(key, rows)
+        for r in rows:
+            self._absorb(r)
+        if self.on_commit is not None:
+            self.on_commit(key)
+
+    def _clean(self, b: int, pos: np.ndarray) -> None:
+        x, y = self.images[pos], self.labels[pos]
+        seed = derive_seed(self.spec.seed, "clean", b)
+        t0 = time.perf_counter()
+        pred = self.setup.scorer.predict(x, seed=seed)
+        dt = (time.perf_counter() - t0) / len(pos)
+        rows = []
+        for i, p in enumerate(pos):
+            served = int(pred.labels[i])
+            rows.append(self._row("clean", "clean", "clean", "clean", None, None, b, p, served,
+                                  adv_pred=None, flagged=_at(pred.flagged, i), score=_at(pred.score, i),
+                                  valid=True, reason="valid", success=False, d2=0.0, dinf=0.0, grads=0.0,
+                                  seconds=dt, seed=pred.seed, correct=served == int(y[i])))
+        self._commit(("clean", None, b), rows)
+
+    def _attack(self, u: Unit, pos: np.ndarray) -> None:
+        if len(pos) == 0:
+            self._commit(u.key, [])
+            return
+        model = self.surrogate if u.source == "transfer" else self.model
+        assert model is not None
+        x, y = self.images[pos], self.labels[pos]
+        spec = get_attack(u.name)
+        seed = derive_seed(self.spec.seed, u.attack, u.eps, u.batch)
+        hyper = dict(u.hyper)
+        if u.kind == "budget":
+            hyper["eps"] = u.eps
+        if "seed" in spec.hyper_names and "seed" not in hyper:
+            hyper["seed"] = seed
+        model.reset(seed=seed)
+        t0 = time.perf_counter()
+        adv = run_attack(u.name, model, x, y, **hyper)
+        seconds = (time.perf_counter() - t0) / len(pos)
+        grads = model.gradients / len(pos)
+        checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, self.spec.levels))
+        score_seed = derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch)
+        pred = self.setup.scorer.predict(checked.adversarial, seed=score_seed)
+        # the served label, except where the detector rejected the image (label -1 and flagged):
+        # there the classifier's own label, so a flagged-but-fooled example is still visible (the
+        # detector's true positives); a -1 without a flag (a smoothed pipeline's ABSTAIN) stays -1
+        served = np.asarray(pred.labels, np.int64)
+        rejected = (served == -1) & (np.asarray(pred.flagged, bool) if pred.flagged is not None else False)
+        argmax = np.where(rejected, np.asarray(pred.probs).argmax(1), served)
+        flagged = pred.flagged if (self.spec.flagged_is_failure and pred.flagged is not None) else None
+        success = judge(checked, argmax, y, flagged=flagged)
+        rows = []
+        for i, p in enumerate(pos):
+            rows.append(self._row(u.attack, u.name, u.source, u.kind, u.norm, u.eps, u.batch, p,
+                                  int(self.clean[p]["clean_pred"]), adv_pred=int(argmax[i]),
+                                  flagged=_at(pred.flagged, i), score=_at(pred.score, i),
+                                  valid=bool(checked.valid[i]), reason=REASONS[int(checked.reason[i])],
+                                  success=bool(success[i]), d2=float(checked.l2[i]), dinf=float(checked.linf[i]),
+                                  grads=grads, seconds=seconds, seed=pred.seed, correct=True))
+        if u.kind == "minimal" or u.source == "sanity":
+            self._save_examples(u, pos, checked.adversarial)
+        self._commit(u.key, rows)
+
+    def _save_examples(self, u: Unit, pos: np.ndarray, adv: torch.Tensor) -> None:
+        folder = self.out / EXAMPLES / u.attack
+        folder.mkdir(parents=True, exist_ok=True)
+        levels = self.spec.levels or 256
+        images = np.round(adv.detach().cpu().numpy() * (levels - 1)).astype(np.uint8 if levels <= 256 else np.uint16)
+        np.savez(folder / f"b{u.batch:05d}.npz", samples=pos + self.spec.start, images=images, levels=levels)
+
+    def _row(self, attack: str, name: str, source: str, kind: str, norm: str | None, eps: float | None, batch: int,
+             p: int, clean_pred: int, *, adv_pred: int | None, flagged: Any, score: Any, valid: bool, reason: str,
+             success: bool, d2: float, dinf: float, grads: float, seconds: float, seed: Any, correct: bool) -> dict[str, Any]:
+        return {
+            "sample": int(p + self.spec.start), "attack": attack, "name": name, "source": source, "kind": kind,
+            "norm": norm, "eps": eps, "batch": batch, "label": int(self.labels[p]), "clean_pred": clean_pred,
+            "correct": bool(correct), "adv_pred": adv_pred, "flagged": flagged, "score": score, "valid": valid,
+            "reason": reason, "success": success, "l2": d2, "linf": dinf, "gradients": grads,
+            "seconds": round(seconds, 6), "seed": None if seed is None else int(seed),
+        }
+
+
+def _at(a: Any, i: int) -> Any:
+    if a is None:
+        return None
+    v = np.asarray(a)[i]
+    return bool(v) if v.dtype == bool else float(v)

@@ -1,0 +1,236 @@
+"""The whole audit of a pipeline in one call (``advshield.audit``, ``advshield audit``).
+
+The pipeline file's test images -> the attack models for the audit's mode -> the runner's
+records (resumable) -> the masking probes -> the metrics -> the certification stage and its
+sanity check (when asked) -> masking warnings -> the release gate -> ``report.json`` and the
+rendered reports. Everything is written under ``out``; the result carries it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from advshield.attacks.adaptive import AttackModel
+from advshield.attacks.audit import (
+    PROBES,
+    RECORDS,
+    Auditor,
+    AuditSpec,
+    Setup,
+    audit_spec,
+    build_setup,
+    certificate_check,
+    run_probes,
+    write_json,
+)
+from advshield.attacks.certify import (
+    BaseForSigma,
+    CertifySpec,
+    certify_spec,
+    in_process_bases,
+    run_certification,
+)
+from advshield.attacks.gate import GateResult, evaluate_gate
+from advshield.attacks.masking import masking_warnings
+from advshield.attacks.report import build_report, compute_metrics, distortion_budget, write_report
+from advshield.core.data import load_dataset
+from advshield.core.errors import ConfigError
+from advshield.core.hashing import sha256_file
+from advshield.core.validation import to_mapping
+from advshield.defenses.randomization import GaussianNoise, GaussianNoiseConfig
+from advshield.plugin.client import RemoteClassifier, parse_target, serving_parity
+from advshield.plugin.config import PipelineConfig
+from advshield.plugin.pipeline import DefendedClassifier
+
+
+@dataclass
+class AuditResult:
+    """Everything an audit produced: per-sample records, metrics, masking warnings, the gate's
+    verdict, the distortion budget (with certification) and the paths of the files written."""
+
+    out: Path
+    spec: AuditSpec
+    records: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    warnings: list[dict[str, Any]]
+    gate: GateResult
+    report: dict[str, Any]
+    probes: dict[str, Any]
+    budget: dict[str, Any] | None = None
+    paths: dict[str, Path] = field(default_factory=dict)  # records, probes, report_json, report_md, ...
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status: 0 when the gate passes, 1 when it fails."""
+        return 0 if self.gate.passed else 1
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return path.name
+
+
+def pipeline_info(cfg: PipelineConfig, checksums: dict[str, str]) -> dict[str, Any]:
+    """Name, description, sha256 and relative path of every file the pipeline uses (for the report)."""
+    info: dict[str, Any] = {"name": cfg.pipeline.name, "description": cfg.pipeline.description, "sha256": {}, "paths": {}}
+    if cfg.source is not None:
+        info["sha256"]["pipeline file"] = sha256_file(cfg.source)
+        info["paths"]["pipeline file"] = cfg.source.name
+    for name, (path, _) in cfg.files().items():
+        info["sha256"][name] = checksums[name]
+        info["paths"][name] = _relative(path, cfg.root)
+    return info
+
+
+def _certification(cfg: PipelineConfig, out: Path, *, certify: bool | None, certify_dir: str | Path | None,
+                   fresh: bool, progress: bool
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], BaseForSigma, CertifySpec] | None:
+    """(certify summary, certify records, base_for_sigma, spec) or None: read ``certify_dir``, or
+    run the stage when asked (``certify``, or None with a [certify] section) into OUT/certify
+    (reused when done with the same settings)."""
+    if certify is False or not (certify_dir or certify or "certify" in cfg.extra):
+        return None
+    spec = certify_spec(cfg)
+    base_for_sigma = in_process_bases(cfg, spec)
+    folder = Path(certify_dir) if certify_dir else out / "certify"
+    summary_path, records_path = folder / "certify_summary.json", folder / "certify_records.jsonl"
+    if certify_dir:
+        if not summary_path.is_file():
+            raise ConfigError(f"certify_dir: {summary_path} not found (run `advshield certify ... --out {folder}`)")
+        summary = json.loads(summary_path.read_text())
+        spec = certify_spec(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in summary["spec"].items()})
+    elif (summary_path.is_file() and not fresh
+          and json.loads(summary_path.read_text()).get("spec") == json.loads(json.dumps(to_mapping(spec)))):
+        summary = json.loads(summary_path.read_text())
+        print(f"certification: reusing {summary_path}")
+    else:
+        data = load_dataset(cfg.data.dataset, "test", cfg.data.directory or None)
+        stop = min(spec.start + spec.samples, len(data))
+        summary = run_certification(base_for_sigma, len(cfg.data.class_names), data.as_float(spec.start, stop),
+                                    data.labels[spec.start:stop], spec, folder, progress=progress)
+        summary.pop("records", None)
+    rows = ([json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+            if records_path.is_file() else [])
+    return summary, rows, base_for_sigma, spec
+
+
+def audit_pipeline(
+    cfg: PipelineConfig,
+    *,
+    out: str | Path | None = None,
+    samples: int | None = None,
+    start: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    attacks: Sequence[str] | None = None,
+    adaptive: Literal["auto", "on", "off"] | None = None,
+    eot_samples: int | None = None,
+    detector_aware: bool | None = None,
+    target: str | None = None,
+    token: str | None = None,
+    fresh: bool = False,
+    certify: bool | None = None,
+    certify_dir: str | Path | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> AuditResult:
+    """Audit ``cfg``: the ``[audit]`` section with these overrides (None keeps the file's value).
+
+    ``out`` defaults to runs/audit/<pipeline name>; its records are resumed unless ``fresh``.
+    ``target`` (grpc://HOST:PORT[/MODEL]) re-scores every example through a live server.
+    ``certify``: True runs the certification stage, False skips it, None runs it when the
+    pipeline has a [certify] section; ``certify_dir`` reads an ``advshield certify`` output folder.
+    """
+    t_start = time.perf_counter()
+    spec = audit_spec(cfg, samples=samples, start=start, batch_size=batch_size, seed=seed, adaptive=adaptive,
+                      eot_samples=eot_samples, detector_aware=detector_aware)
+    if attacks:
+        spec = spec.select(attacks)
+    spec = spec.with_gate_eps(cfg.gate.gate_eps)
+    out = Path(out or f"runs/audit/{cfg.pipeline.name}")
+    checksums = cfg.checksums(verify=True)
+    data = load_dataset(cfg.data.dataset, "test", cfg.data.directory or None)
+    stop = min(spec.start + spec.samples, len(data))
+    if stop <= spec.start:
+        raise ConfigError(f"audit.start: {spec.start} is past the end of the test split ({len(data)} images)")
+    images, labels = data.as_float(spec.start, stop), np.asarray(data.labels[spec.start:stop], np.int64)
+
+    scorer = None
+    parity = None
+    if target:
+        url, model = parse_target(target)
+        scorer = RemoteClassifier(url, model, token=token)
+    setup = build_setup(cfg, spec, torch.from_numpy(images[:16]), scorer=scorer)
+    if scorer is not None:
+        parity = serving_parity(DefendedClassifier.from_config(cfg), scorer, torch.from_numpy(images[:16]), seed=spec.seed)
+        print(f"scoring through {scorer!r}; parity with the in-process pipeline on 16 images: {parity}")
+    header = {"pipeline.files": checksums, "target": target, "data": f"{cfg.data.dataset}:test[{spec.start}:{stop}]"}
+    auditor = Auditor(setup, spec, images, labels, out, fresh=fresh, progress=progress, header=header)
+    if auditor.log.done:
+        print(f"resuming: {len(auditor.log.done)} batches already in {out / RECORDS}")
+    records = auditor.run()
+
+    probes = run_probes(setup, images, labels, auditor.correct, spec.seed)
+    if parity is not None:
+        probes["serving_parity"] = parity
+    metrics = compute_metrics(records, spec, setup.mode)
+
+    budget = None
+    violations: list[dict[str, Any]] = []
+    cert = _certification(cfg, out, certify=certify, certify_dir=certify_dir, fresh=fresh, progress=progress)
+    if cert is not None:
+        summary, cert_rows, base_for_sigma, cspec = cert
+        budget = distortion_budget(summary, metrics, cfg.gate.certified_accuracy_target)
+        if spec.certify_checks and cert_rows:
+            check = _certificate_check(cfg, setup, spec, out, images, records, cert_rows, base_for_sigma, cspec, progress)
+            budget["certificate_check"] = check
+            violations = check["violations"]
+    write_json(out / PROBES, probes)
+    warnings = [w.to_dict() for w in masking_warnings(records, probes, spec.masking_tolerance, violations)]
+    gate = evaluate_gate(cfg.gate, metrics, gate_norm=spec.gate_norm, warnings=len(warnings), budget=budget)
+    report = build_report(pipeline=pipeline_info(cfg, checksums), spec=spec, probes=probes, metrics=metrics,
+                          warnings=warnings, gate=gate.to_dict(), budget=budget, command=command,
+                          seconds=time.perf_counter() - t_start)
+    written = write_report(out, report)
+    paths = {"records": out / RECORDS, "probes": out / PROBES, **_report_paths(written)}
+    return AuditResult(out, spec, records, metrics, warnings, gate, report, probes, budget, paths)
+
+
+def _report_paths(written: Any) -> dict[str, Path]:
+    if isinstance(written, dict):
+        return {f"report_{k}": Path(v) for k, v in written.items()}
+    json_path, md_path, *more = written
+    paths = {"report_json": Path(json_path), "report_md": Path(md_path)}
+    if more:
+        paths["report_html"] = Path(more[0])
+    return paths
+
+
+def _certificate_check(cfg: PipelineConfig, setup: Setup, spec: AuditSpec, out: Path, images: np.ndarray,
+                       records: list[dict[str, Any]], cert_rows: list[dict[str, Any]],
+                       base_for_sigma: BaseForSigma, cspec: CertifySpec, progress: bool) -> dict[str, Any]:
+    assert setup.twin is not None
+
+    def smoothed_model(sigma: float) -> AttackModel:  # the smoothed pipeline, whatever the audit's mode
+        noise = GaussianNoise(GaussianNoiseConfig(sigma=sigma, clip=False))
+        return AttackModel(setup.twin, [noise, *setup.defenses], eot_samples=16, seed=spec.seed)
+
+    by_sample = {spec.start + i: images[i] for i in range(len(images))}
+    return certificate_check(base_for_sigma, len(cfg.data.class_names), cert_rows, cspec, out, records, by_sample,
+                             attack_model_for_sigma=smoothed_model, checks=spec.certify_checks, seed=spec.seed,
+                             progress=progress)
