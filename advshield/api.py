@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from advshield.plugin.server import ScoringServer, build_server, serve_spec
 from advshield.plugin.server import serve as _serve_forever
 from advshield.training import train_models
 
-PipelineLike = PipelineConfig | str | Path
+PipelineLike: TypeAlias = PipelineConfig | str | Path
 
 
 def load_pipeline(pipeline: PipelineLike) -> PipelineConfig:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,12 @@ class RecordLog:
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w") as f:  # the committed part, rewritten without a torn tail
             f.write(json.dumps({"header": header}) + "\n")
-            for key, rows in _group(records):
+            rows_of: dict[UnitKey, list[dict[str, Any]]] = {}
+            for r in records:
+                rows_of.setdefault((r["attack"], eps_key(r["eps"]), int(r["batch"])), []).append(r)
+            for key in sorted(done - rows_of.keys(), key=str):  # committed units with no records (no
+                rows_of[key] = []                               # sample left to attack) stay committed
+            for key, rows in rows_of.items():
                 f.writelines(json.dumps(r) + "\n" for r in rows)
                 f.write(json.dumps({"commit": list(key)}) + "\n")
         os.replace(tmp, path)
@@ -97,13 +102,6 @@ class RecordLog:
 
     def close(self) -> None:
         self._f.close()
-
-
-def _group(records: list[dict[str, Any]]) -> Iterator[tuple[UnitKey, list[dict[str, Any]]]]:
-    units: dict[UnitKey, list[dict[str, Any]]] = {}
-    for r in records:
-        units.setdefault((r["attack"], eps_key(r["eps"]), int(r["batch"])), []).append(r)
-    yield from units.items()
 
 
 def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
