@@ -6,7 +6,7 @@ the registry names them with their kind (budget or minimal) and defaults::
     from advshield.attacks import pgd, ddn, bp
     adv = pgd(model, x, y, eps=8 / 255, steps=40)
 
-Modules: ``gradient`` (FGSM, BIM, PGD: one loop), ``carlini_wagner``, ``deepfool``,
+Modules: ``gradient`` (FGSM, BIM, PGD, APGD, APGD-T: one loop), ``carlini_wagner``, ``deepfool``,
 ``decoupled_direction_norm`` (DDN), ``boundary_projection`` (BP, thesis ch. 5), ``transfer``,
 ``adaptive`` (BPDA/EOT/detector-aware attack models), ``threat`` (the never-trust check),
 ``primitives`` (norms, losses, gradient counting), ``audit`` (spec, records, runner, probes),
@@ -19,7 +19,7 @@ from advshield.attacks.boundary_projection import bp
 from advshield.attacks.carlini_wagner import cw_l2
 from advshield.attacks.decoupled_direction_norm import ddn
 from advshield.attacks.deepfool import deepfool
-from advshield.attacks.gradient import bim, fgsm, pgd
+from advshield.attacks.gradient import apgd, apgd_t, bim, fgsm, pgd
 from advshield.attacks.registry import ATTACKS, AttackSpec, get_attack, register_attack, run_attack
 from advshield.attacks.transfer import transfer_attack
 
@@ -27,6 +27,8 @@ __all__ = [
     "ATTACKS",
     "AttackModel",
     "AttackSpec",
+    "apgd",
+    "apgd_t",
     "attack_model",
     "bim",
     "bp",

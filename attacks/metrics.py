@@ -92,15 +92,6 @@ def robust_accuracy(correct: Any, success: Any, distortion: Any, eps_grid: Seque
     return (c[None, :] & ~broken).mean(1)
 
 
-def robust_accuracy_budget(correct: Any, success_per_eps: Any) -> np.ndarray:
-    """From budget attacks run at each eps of a grid: ``success_per_eps`` [E, N'] -> [E]."""
-    c = np.asarray(correct, dtype=bool)
-    s = np.asarray(success_per_eps, dtype=bool)
-    if s.ndim != 2 or s.shape[1] != c.shape[0]:
-        raise InputError(f"metrics: success_per_eps must be [E, {c.shape[0]}], got {list(s.shape)}")
-    return (c[None, :] & ~s).mean(1)
-
-
 def best_of(success: Any, distortion: Any) -> tuple[np.ndarray, np.ndarray]:
     """Per sample over A attacks ([A, N'] each): broken by any, and the least successful
     distortion (+inf where none succeeded)."""

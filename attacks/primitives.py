@@ -109,10 +109,6 @@ def linf(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).abs().amax(dim=1)
 
 
-def norm_of(x: torch.Tensor, norm: str) -> torch.Tensor:
-    return linf(x) if norm == "linf" else l2(x)
-
-
 def normalize(g: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """L2-normalise each sample; a zero gradient becomes a random unit direction."""
     n = l2(g)

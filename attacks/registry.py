@@ -1,7 +1,7 @@
 """Attacks by name, with their kind and default hyper-parameters.
 
-* *budget* attacks take ``eps`` and stay inside the ball (FGSM, BIM, PGD): the audit runs them
-  over an eps grid and records success per eps;
+* *budget* attacks take ``eps`` and stay inside the ball (FGSM, BIM, PGD, APGD-CE/DLR, APGD-T):
+  the audit runs them over an eps grid and records success per eps;
 * *minimal* attacks return the smallest adversarial they found (C&W, DeepFool, DDN, BP): one run
   gives each sample's distortion, hence the whole operating characteristic.
 
@@ -23,7 +23,7 @@ from advshield.attacks.boundary_projection import bp
 from advshield.attacks.carlini_wagner import cw_l2
 from advshield.attacks.decoupled_direction_norm import ddn
 from advshield.attacks.deepfool import deepfool
-from advshield.attacks.gradient import bim, fgsm, pgd
+from advshield.attacks.gradient import apgd, apgd_t, bim, fgsm, pgd
 from advshield.attacks.primitives import Model
 from advshield.core.errors import ConfigError
 
@@ -92,6 +92,14 @@ for _spec in (
     AttackSpec("bim", bim, "budget", "linf", _p({"steps": 10}), "steps"),
     AttackSpec("pgd_linf", pgd, "budget", "linf", _p({"steps": 40, "restarts": 1}), "steps * restarts (at most)"),
     AttackSpec("pgd_l2", pgd, "budget", "l2", _p({"norm": "l2", "steps": 40, "restarts": 1}), "steps * restarts (at most)"),
+    AttackSpec("apgd_ce_linf", apgd, "budget", "linf", _p({"steps": 100, "restarts": 1, "loss": "ce"}), "steps * restarts (at most)"),
+    AttackSpec("apgd_ce_l2", apgd, "budget", "l2", _p({"norm": "l2", "steps": 100, "restarts": 1, "loss": "ce"}), "steps * restarts (at most)"),
+    AttackSpec("apgd_dlr_linf", apgd, "budget", "linf", _p({"steps": 100, "restarts": 1, "loss": "dlr"}), "steps * restarts (at most)"),
+    AttackSpec("apgd_dlr_l2", apgd, "budget", "l2", _p({"norm": "l2", "steps": 100, "restarts": 1, "loss": "dlr"}), "steps * restarts (at most)"),
+    AttackSpec("apgd_t_linf", apgd_t, "budget", "linf", _p({"steps": 100, "restarts": 1, "top_k": 9}),
+               "steps * restarts * min(top_k, classes - 1) (at most)"),
+    AttackSpec("apgd_t_l2", apgd_t, "budget", "l2", _p({"norm": "l2", "steps": 100, "restarts": 1, "top_k": 9}),
+               "steps * restarts * min(top_k, classes - 1) (at most)"),
     AttackSpec("cw_l2", cw_l2, "minimal", "l2", _p({"binary_search_steps": 5, "steps": 20}), "binary_search_steps * steps"),
     AttackSpec("deepfool", deepfool, "minimal", "l2", _p({"steps": 50, "overshoot": 0.02}), "candidates per iteration, <= steps"),
     AttackSpec("ddn", ddn, "minimal", "l2", _p({"steps": 100, "init_eps": 1.0, "gamma": 0.05, "levels": 256}), "steps"),

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -262,6 +263,20 @@ class TritonServer:
             if self.proc.returncode == 0 or not self.log_path.is_relative_to(self.workdir):
                 shutil.rmtree(self.workdir, ignore_errors=True)  # else its log stays for a look
         return int(self.proc.returncode)
+
+    def wait_until_interrupted(self) -> int:
+        """Serve until SIGINT/SIGTERM, then stop: the exit status (>= 0), or minus the status when
+        the server exited on its own first (its log is kept)."""
+        interrupted = threading.Event()
+        previous = {s: signal.signal(s, lambda *_: interrupted.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not interrupted.wait(0.5):
+                if not self.alive():
+                    return -abs(self.stop() or 1)  # stop() still cleans up; the log is kept
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return self.stop()
 
     def __enter__(self) -> TritonServer:
         return self

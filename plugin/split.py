@@ -152,19 +152,6 @@ def split_at(model: Any, tensor: str) -> tuple[Any, Any]:
     return head, tail
 
 
-def save_split(model: Any, tensor: str, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``head.onnx`` and ``tail.onnx`` into ``out_dir``."""
-    import onnx
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    head, tail = split_at(model, tensor)
-    paths = out / "head.onnx", out / "tail.onnx"
-    for proto, path in zip((head, tail), paths):
-        onnx.save(proto, str(path))
-    return paths
-
-
 # --- running segments ------------------------------------------------------------------------------
 
 class OnnxSegment:

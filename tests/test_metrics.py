@@ -42,10 +42,6 @@ def test_median_distortion_counts_unbroken_samples_as_infinite():
 def test_robust_accuracy_over_an_eps_grid():
     # over all N' = 5 samples: correct and not broken within eps
     assert M.robust_accuracy(CORRECT, SUCCESS, DISTORTION, [0.0, 0.5, 1.0, 2.0]).tolist() == pytest.approx([0.8, 0.6, 0.4, 0.2])
-    per_eps = np.array([[False, False, False, False, True], [True, False, False, False, True]])
-    assert M.robust_accuracy_budget(CORRECT, per_eps).tolist() == pytest.approx([0.8, 0.6])
-    with pytest.raises(InputError, match=r"success_per_eps must be \[E, 5\], got \[5\]"):
-        M.robust_accuracy_budget(CORRECT, SUCCESS)
 
 
 def test_best_of_takes_the_least_successful_distortion_per_sample():

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 
 from advshield.core.errors import ConfigError
 from advshield.deploy.triton import generate_repository, serve_repository
@@ -83,18 +81,9 @@ def cmd_triton(args: argparse.Namespace) -> int:
                               metrics_port=args.metrics_port, threads=repo.spec.threads)
     print(f"tritonserver (pid {server.pid}) ready: gRPC {server.url}, HTTP {server.http_url}, "
           f"metrics {server.metrics_url}; model {repo.ensemble!r}. Ctrl-C stops it.", flush=True)
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(0.5):
-            if not server.alive():
-                print(f"tritonserver exited with status {server.proc.returncode}; log: {server.log_path}")
-                return 1
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        code = server.stop()
-    print(f"tritonserver stopped (exit status {code})")
+    code = server.wait_until_interrupted()
+    print(f"tritonserver stopped (exit status {code})" if code >= 0 else
+          f"tritonserver exited on its own with status {-code}; log: {server.log_path}")
     return 0 if code == 0 else 1
 
 

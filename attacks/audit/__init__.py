@@ -50,7 +50,6 @@ from advshield.attacks.audit.spec import (
     parse_attack,
     replace_spec,
 )
-from advshield.attacks.threat import DIST_TOL  # noqa: F401  (moved there; old import path)
 
 __all__ = [
     "DEFAULT_ATTACKS",
