@@ -14,6 +14,7 @@ from advshield.attacks import registry
 from advshield.attacks.audit import (
     RECORDS,
     Auditor,
+    RecordLog,
     AuditSpec,
     audit_spec,
     build_setup,
@@ -23,7 +24,7 @@ from advshield.attacks.audit import (
 )
 from advshield.attacks.registry import AttackSpec
 from advshield.attacks.report import compute_metrics
-from advshield.core.errors import ConfigError
+from advshield.core.errors import ConfigError, InputError
 from advshield.core.validation import from_mapping
 from advshield.plugin.config import load_pipeline
 
@@ -250,3 +251,25 @@ def test_remote_scoring_gives_the_same_records(full_run, cfg, data, tmp_path, pi
         assert {k: v for k, v in x.items() if k not in ("l2", "linf", "score")} == \
             {k: v for k, v in y.items() if k not in ("l2", "linf", "score")}
         assert x["l2"] == pytest.approx(y["l2"]) and x["linf"] == pytest.approx(y["linf"])
+
+
+def test_metrics_refuse_duplicated_records(full_run):
+    """Two runs' records concatenated would count samples twice (robust accuracy 0.33 -> 0.58)."""
+    spec, _, records = full_run
+    compute_metrics(records, spec)
+    with pytest.raises(InputError, match=r"duplicated record for sample \d+, attack 'clean'"):
+        compute_metrics(records + records, spec)
+
+
+def test_resume_keeps_committed_units_without_records(full_run, setup, data, tmp_path):
+    """A unit with no sample left to attack commits with no rows; a resumed log keeps its commit."""
+    spec, out, records = full_run
+    path = out / RECORDS
+    _, _, done = read_records(path)
+    committed_lines = sum('"commit"' in line for line in path.read_text().splitlines())
+    empty = {k for k in done if not any((r["attack"], r["eps"], r["batch"]) == (k[0], k[1], k[2]) for r in records)}
+    assert empty, "the fixture's audit should leave some units with nothing to attack"
+    log = RecordLog(path, read_records(path)[0], fresh=False)  # the rewrite a resume does
+    log.close()
+    _, _, after = read_records(path)
+    assert after == done and sum('"commit"' in line for line in path.read_text().splitlines()) == committed_lines

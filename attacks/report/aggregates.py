@@ -58,6 +58,13 @@ def _minimal_stats(correct: np.ndarray, success: np.ndarray, dist: np.ndarray, d
 def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every statistic of the report from the records (see the module docstring)."""
     mode = mode or {}
+    seen: set[tuple[Any, Any, Any]] = set()
+    for r in records:  # one record per (sample, attack, eps): a duplicate would be counted twice
+        key = (r["sample"], r["attack"], r["eps"])
+        if key in seen:
+            raise InputError(f"audit metrics: duplicated record for sample {r['sample']}, attack {r['attack']!r}, "
+                             f"eps {r['eps']} (records of two runs concatenated?)")
+        seen.add(key)
     clean = sorted((r for r in records if r["attack"] == "clean"), key=lambda r: r["sample"])
     if not clean:
         raise InputError("audit metrics: no clean records (the audit did not score any sample)")
