@@ -36,7 +36,7 @@ def print_audit_summary(result: AuditResult) -> None:
     for w in result.warnings:
         print(f"WARNING {w['code']}: {w['message']}")
     print("report: " + "\n        ".join(str(p) for k, p in result.paths.items() if k.startswith("report_")))
-    print(f"gate: {'PASS' if gate.passed else 'FAIL'}" + ("" if gate.passed else " (" + "; ".join(gate.reasons) + ")"))
+    print(f"gate: {gate.verdict}")
 
 
 def write_default_pipeline(workdir: Path, model: str = "fashion_cnn.onnx", surrogate: str = "fashion_surrogate.onnx") -> Path:

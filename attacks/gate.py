@@ -31,6 +31,9 @@ from advshield.attacks.threat import DIST_TOL
 
 CHECK_IDS = ("min_clean_accuracy", "min_robust_accuracy", "max_success_rate", "min_median_distortion",
              "min_certified_budget", "max_warnings")
+# the checks that measure robustness: a gate none of which is set cannot vouch for a defense
+ROBUSTNESS_CHECK_IDS = ("min_robust_accuracy", "max_success_rate", "min_median_distortion", "min_certified_budget")
+CLEAN_ONLY = "PASS on clean accuracy only: no robustness threshold set"
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,21 @@ class GateResult:
     def reasons(self) -> list[str]:
         return [c.detail or f"{c.label}: {c.value} vs {c.threshold}" for c in self.checks if c.passed is False]
 
+    @property
+    def robustness_checked(self) -> bool:
+        """Whether any robustness threshold was set (and so checked)."""
+        return any(c.passed is not None for c in self.checks if c.id in ROBUSTNESS_CHECK_IDS)
+
+    @property
+    def verdict(self) -> str:
+        """"PASS", "FAIL: <reasons>", or the clean-only pass that says what was not checked."""
+        if not self.passed:
+            return "FAIL: " + "; ".join(self.reasons)
+        return "PASS" if self.robustness_checked else CLEAN_ONLY
+
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reasons": self.reasons,
+        return {"passed": self.passed, "verdict": self.verdict, "robustness_checked": self.robustness_checked,
+                "reasons": self.reasons,
                 "checks": [{**asdict(c), "label": c.label} for c in self.checks]}
 
 

@@ -45,6 +45,17 @@ def test_a_gate_with_no_threshold_set_passes_and_reports_the_values(metrics):
     r = evaluate_gate(gate(), metrics)
     assert r.passed and all(c.passed is None for c in r.checks)
     assert {c.id: c.value for c in r.checks}["min_median_distortion"] == 1.5
+    assert r.verdict == "PASS on clean accuracy only: no robustness threshold set" == r.to_dict()["verdict"]
+
+
+def test_a_clean_accuracy_gate_does_not_pass_as_a_robustness_verdict(metrics):
+    clean_only = evaluate_gate(gate(min_clean_accuracy=0.8), metrics)
+    assert clean_only.passed and not clean_only.robustness_checked
+    assert clean_only.verdict.startswith("PASS on clean accuracy only")
+    robust = evaluate_gate(gate(min_clean_accuracy=0.8, min_median_distortion=1.5), metrics)
+    assert robust.passed and robust.robustness_checked and robust.verdict == "PASS"
+    broken = evaluate_gate(gate(min_clean_accuracy=0.8, min_robust_accuracy=0.34, gate_eps=0.1), metrics)
+    assert broken.verdict == "FAIL: " + "; ".join(broken.reasons) and "robust accuracy" in broken.verdict
 
 
 @pytest.mark.parametrize("kw, passes", [

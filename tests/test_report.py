@@ -153,7 +153,8 @@ def test_distortion_budget_puts_certified_next_to_empirical(m):
 
 
 def test_report_files(m, tmp_path):
-    gate = {"passed": False, "reasons": ["clean accuracy 0.8333 < 0.9"],
+    gate = {"passed": False, "verdict": "FAIL: clean accuracy 0.8333 < 0.9", "robustness_checked": False,
+            "reasons": ["clean accuracy 0.8333 < 0.9"],
             "checks": [{"id": "min_clean_accuracy", "label": "min_clean_accuracy", "threshold": 0.9, "value": 0.8333,
                         "passed": False, "detail": "clean accuracy 0.8333 < 0.9", "norm": None, "eps": None,
                         "d_upp": None, "target": None}]}
@@ -169,7 +170,7 @@ def test_report_files(m, tmp_path):
     assert data["metrics"]["attacks"]["ddn"]["quantiles"]["0.9"] == "inf"
     assert data["gate"]["passed"] is False
     md = md_path.read_text()
-    for text in ("**Gate: FAIL**", "## Robust accuracy", "| ddn alone |", "## Minimal attacks", "best of ddn, bp",
+    for text in ("**Gate: FAIL: ", "## Robust accuracy", "| ddn alone |", "## Minimal attacks", "best of ddn, bp",
                  "## Detector", "## Distortion budget", "transfer_beats_white_box", "`abababab", "**FAIL**"):
         assert text in md, text
     for png in ("operating_characteristic", "robust_accuracy_linf", "robust_accuracy_l2", "distortion_budget"):
@@ -183,7 +184,7 @@ def test_jsonable_has_no_nan_or_infinity():
 
 def test_budget_over_noise_trained_models_is_not_called_an_interval(m, tmp_path):
     """Certificates of a smoothed pipeline over another (noise-trained) model bound another classifier."""
-    gate = {"passed": True, "reasons": [], "checks": []}
+    gate = {"passed": True, "verdict": "PASS", "robustness_checked": True, "reasons": [], "checks": []}
     cert = {"spec": {"models": ["noise.onnx"]},
             "sigmas": {"0.25": {"samples": 6, "radii": [0.0, 1.0], "certified_accuracy": [0.8, 0.2]}}}
     for certified, interval in ((cert, False), ({"sigmas": cert["sigmas"]}, True)):
