@@ -205,6 +205,8 @@ def test_attacks_count_their_gradients(lin):
 def test_registry_names_every_attack_with_its_kind():
     kinds = {name: spec.kind for name, spec in ATTACKS.items()}
     assert kinds == {"fgsm": "budget", "fgsm_l2": "budget", "bim": "budget", "pgd_linf": "budget", "pgd_l2": "budget",
+                     "apgd_ce_linf": "budget", "apgd_ce_l2": "budget", "apgd_dlr_linf": "budget",
+                     "apgd_dlr_l2": "budget", "apgd_t_linf": "budget", "apgd_t_l2": "budget",
                      "cw_l2": "minimal", "deepfool": "minimal", "ddn": "minimal", "bp": "minimal"}
     assert get_attack("ddn").defaults["gamma"] == 0.05 and get_attack("ddn").defaults["init_eps"] == 1.0
     assert get_attack("bp").defaults["alpha"] == 2.0 and get_attack("bp").defaults["gamma_min"] == 0.7
@@ -217,7 +219,7 @@ def test_registry_rejects_bad_hyper_parameters(lin):
         run_attack("pgd_linf", lin, lin.x, lin.y)
     with pytest.raises(ConfigError, match="is an linf attack; norm='l2'"):
         run_attack("pgd_linf", lin, lin.x, lin.y, eps=0.1, norm="l2")
-    with pytest.raises(ConfigError, match="unknown attack 'pgd'; known: bim, bp"):
+    with pytest.raises(ConfigError, match="unknown attack 'pgd'; known: apgd_ce_l2, .*, bim, bp"):
         get_attack("pgd")
 
 

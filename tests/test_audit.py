@@ -14,8 +14,8 @@ from advshield.attacks import registry
 from advshield.attacks.audit import (
     RECORDS,
     Auditor,
-    RecordLog,
     AuditSpec,
+    RecordLog,
     audit_spec,
     build_setup,
     derive_seed,
@@ -261,9 +261,9 @@ def test_metrics_refuse_duplicated_records(full_run):
         compute_metrics(records + records, spec)
 
 
-def test_resume_keeps_committed_units_without_records(full_run, setup, data, tmp_path):
+def test_resume_keeps_committed_units_without_records(full_run):
     """A unit with no sample left to attack commits with no rows; a resumed log keeps its commit."""
-    spec, out, records = full_run
+    _, out, records = full_run
     path = out / RECORDS
     _, _, done = read_records(path)
     committed_lines = sum('"commit"' in line for line in path.read_text().splitlines())
