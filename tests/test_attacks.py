@@ -219,7 +219,7 @@ def test_registry_rejects_bad_hyper_parameters(lin):
         run_attack("pgd_linf", lin, lin.x, lin.y)
     with pytest.raises(ConfigError, match="is an linf attack; norm='l2'"):
         run_attack("pgd_linf", lin, lin.x, lin.y, eps=0.1, norm="l2")
-    with pytest.raises(ConfigError, match="unknown attack 'pgd'; known: apgd_ce_l2, .*, bim, bp"):
+    with pytest.raises(ConfigError, match=r"unknown attack 'pgd'; known: apgd_ce_l2, .*, bim, bp"):
         get_attack("pgd")
 
 
