@@ -29,6 +29,7 @@ from advshield.attacks.audit import (
     audit_spec,
     build_setup,
     certificate_check,
+    derive_seed,
     run_probes,
     write_json,
 )
@@ -47,6 +48,7 @@ from advshield.core.errors import ConfigError
 from advshield.core.hashing import sha256_file
 from advshield.core.validation import to_mapping
 from advshield.defenses.randomization import GaussianNoise, GaussianNoiseConfig
+from advshield.plugin.classifiers import TwinClassifier
 from advshield.plugin.client import RemoteClassifier, parse_target, serving_parity
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.pipeline import DefendedClassifier
@@ -224,11 +226,24 @@ def _report_paths(written: Any) -> dict[str, Path]:
 def _certificate_check(cfg: PipelineConfig, setup: Setup, spec: AuditSpec, out: Path, images: np.ndarray,
                        records: list[dict[str, Any]], cert_rows: list[dict[str, Any]],
                        base_for_sigma: BaseForSigma, cspec: CertifySpec, progress: bool) -> dict[str, Any]:
-    assert setup.twin is not None
+    """The certified-radius sanity check, attacking the smoothed classifier that was certified: the
+    noise-trained base model of each sigma when ``[certify] models`` names one (its own twin), else
+    the deployed model's twin; the pipeline's defenses in both cases."""
+    twins: dict[str, TwinClassifier] = {}
 
-    def smoothed_model(sigma: float) -> AttackModel:  # the smoothed pipeline, whatever the audit's mode
+    def twin_for(sigma: float) -> Any:
+        if not cspec.models:
+            return setup.twin
+        path = str(cfg.resolve(cspec.models[cspec.sigmas.index(sigma)]))
+        if path not in twins:
+            twins[path] = TwinClassifier(path, device=cfg.model.device, tolerance=cfg.model.parity_tolerance,
+                                         validate=False)
+        return twins[path]
+
+    def smoothed_model(sigma: float) -> AttackModel:
         noise = GaussianNoise(GaussianNoiseConfig(sigma=sigma, clip=False))
-        return AttackModel(setup.twin, [noise, *setup.defenses], eot_samples=16, seed=spec.seed)
+        return AttackModel(twin_for(sigma), [noise, *setup.defenses], eot_samples=16,
+                           seed=derive_seed(spec.seed, "certificate attack", sigma))
 
     by_sample = {spec.start + i: images[i] for i in range(len(images))}
     return certificate_check(base_for_sigma, len(cfg.data.class_names), cert_rows, cspec, out, records, by_sample,

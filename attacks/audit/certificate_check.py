@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def certificate_check(
     For up to ``checks`` audited samples per sigma certified correctly with radius R > 0: (a) each
     stored minimal-attack example of that sample with L2 distortion < R, and (b) when
     ``attack_model_for_sigma`` is given, PGD-L2 at eps = R against the EOT-smoothed pipeline (the
-    base behind Gaussian noise of that sigma, gradients averaged over draws), clipped, checked and
+    base that was certified, behind Gaussian noise of that sigma, gradients averaged over draws;
+    for a noise-trained base model, that model's twin), clipped, checked and
     rounded like every audit example, are classified by g (PREDICT with ``cert_spec``'s n and
     alpha). g answering a class other than the label (not ABSTAIN) inside R violates the
     certificate. ``images``: clean image (float32 CHW) per sample index."""
@@ -52,7 +54,10 @@ def certificate_check(
                 and r["index"] in images][:checks]
         if not rows:
             continue
-        smoothed = SmoothedClassifier(base_for_sigma(sigma), num_classes, cert_spec.smoothing(sigma))
+        # the smoothed classifier that was certified, with noise independent of the certification's
+        # own stream (its seed would replay the very draws the certificate was computed from)
+        config = replace(cert_spec.smoothing(sigma), seed=derive_seed(seed, "certificate check", sigma))
+        smoothed = SmoothedClassifier(base_for_sigma(sigma), num_classes, config)
         model = attack_model_for_sigma(sigma) if attack_model_for_sigma is not None else None
         for r in progress_bar(rows, desc=f"certificate check sigma={sigma:g}", enabled=progress, unit="img"):
             radius, label, sample = float(r["radius"]), int(r["label"]), int(r["index"])
