@@ -18,14 +18,22 @@ RECORD_SETTINGS = ("eps_linf", "eps_l2", "samples", "start", "batch_size", "seed
                    "sanity_samples")
 
 _ATTACK_KEYS = ("name", "id", "transfer", "eps")
+# the default cascade: minimal attacks for the per-sample distortion, then AutoAttack's gradient
+# pair per norm (APGD-CE, then APGD-T with the targeted DLR loss on what it left), the one-step
+# attack, and a transfer attack from the surrogate
 DEFAULT_ATTACKS: tuple[Mapping[str, Any], ...] = tuple(MappingProxyType(a) for a in (
     {"name": "ddn"},
     {"name": "bp"},
+    {"name": "apgd_ce_linf"},
+    {"name": "apgd_t_linf"},
+    {"name": "apgd_ce_l2"},
+    {"name": "apgd_t_l2"},
     {"name": "fgsm"},
-    {"name": "pgd_linf"},
-    {"name": "pgd_l2"},
     {"name": "pgd_linf", "transfer": True},
 ))
+# L-inf budgets on the 8-bit lattice: an example is rounded to 8 bits before it is judged, so an
+# eps between two grey levels is really the lower one; the defaults are k/255
+DEFAULT_EPS_LINF = tuple(k / 255 for k in (2, 4, 8, 13, 26, 38, 51))
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class AuditSpec:
     """The pipeline file's ``[audit]`` section."""
 
     attacks: tuple[Any, ...] = DEFAULT_ATTACKS  # names or tables (see ``parse_attack``)
-    eps_linf: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2)
+    eps_linf: tuple[float, ...] = DEFAULT_EPS_LINF  # 2/255 ... 51/255 (0.0078 ... 0.2)
     eps_l2: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
     samples: int = 200  # test images audited, from ``start``
     start: int = 0
