@@ -32,13 +32,7 @@ from typing import Any
 import numpy as np
 
 from advshield.core.errors import ConfigError, ImageError, InputError
-from advshield.defenses.detector import l1_scores
-from advshield.defenses.registry import build_detector
 from advshield.plugin import protocol as P
-from advshield.plugin.classifiers import validate_batch
-from advshield.plugin.config import load_pipeline
-from advshield.plugin.decode import decode_image
-from advshield.plugin.pipeline import load_defenses, load_detector
 
 # names of the tensors between the generated models (the public ones are in plugin.protocol)
 DEFENDED = "DEFENDED"
@@ -50,6 +44,7 @@ LOGITS_SQUEEZED = "LOGITS_SQUEEZED_{}"
 
 class RequestError(InputError):
     """One request is invalid; its response carries this message and the others go on."""
+
 
 def _torch(threads: int):
     import torch
@@ -96,13 +91,19 @@ def new_seed() -> int:
 @dataclass
 class Job:
     """One request's validated pixels and its seed (None: deterministic, or drawn later)."""
+
     x: np.ndarray  # float32 [n, C, H, W]
     seed: int | None = None
 
 
 class Preprocess:
     """Decode/validate, image-layer defenses, detector squeezers. ``device``: torch device string."""
+
     def __init__(self, pipeline: str | Path, *, device: str = "cpu", threads: int = 1) -> None:
+        from advshield.defenses.registry import build_detector
+        from advshield.plugin.config import load_pipeline
+        from advshield.plugin.pipeline import load_defenses
+
         self.torch = _torch(threads)
         self.cfg = load_pipeline(pipeline)
         self.spec = self.cfg.input
@@ -124,6 +125,9 @@ class Preprocess:
 
     def parse(self, image: np.ndarray | None, pixels: np.ndarray | None, params: Any = None) -> Job:
         """One request's inputs -> ``Job``; a ``RequestError`` naming the tensor and image index."""
+        from advshield.plugin.classifiers import validate_batch
+        from advshield.plugin.decode import decode_image
+
         if (image is None) == (pixels is None):
             got = [n for n, t in ((P.INPUT_IMAGE, image), (P.INPUT_PIXELS, pixels)) if t is not None]
             raise RequestError(f"send one input per request, either {P.INPUT_IMAGE} or {P.INPUT_PIXELS}, got {got}")
@@ -178,7 +182,11 @@ class Preprocess:
 
 class FeatureStep:
     """The feature-layer defenses at one cut (every ``[[defenses]]`` of this model's pipeline.toml)."""
+
     def __init__(self, pipeline: str | Path, *, device: str = "cpu", threads: int = 1) -> None:
+        from advshield.plugin.config import load_pipeline
+        from advshield.plugin.pipeline import load_defenses
+
         self.torch = _torch(threads)
         self.cfg = load_pipeline(pipeline)
         self.device = self.torch.device(device)
@@ -197,6 +205,7 @@ class FeatureStep:
 
 class OnnxStep:
     """An ONNX model on ONNX Runtime (CUDA provider when ``gpu`` and present), one input, one output."""
+
     def __init__(self, path: str | Path, *, threads: int = 1, gpu: bool = False) -> None:
         import onnxruntime as ort
 
@@ -217,7 +226,11 @@ class OnnxStep:
 
 class Postprocess:
     """Softmax, argmax, detector score and flag (label -1 for flagged images when ``reject``)."""
+
     def __init__(self, pipeline: str | Path, *, threads: int = 1) -> None:
+        from advshield.plugin.config import load_pipeline
+        from advshield.plugin.pipeline import load_detector
+
         self.torch = _torch(threads)
         self.cfg = load_pipeline(pipeline)
         self.detector = load_detector(self.cfg)
@@ -238,6 +251,8 @@ class Postprocess:
         score = np.zeros(n, np.float32)
         flagged = np.zeros(n, bool)
         if self.detector is not None:
+            from advshield.defenses.detector import l1_scores
+
             stacked = torch.from_numpy(np.concatenate([logits, *squeezed]).astype(np.float32, copy=False))
             s = l1_scores(torch.softmax(stacked.float(), dim=-1), n)
             flagged = self.detector.flag(s).numpy().astype(bool)

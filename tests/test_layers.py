@@ -90,10 +90,25 @@ def test_imports_point_down_the_layers(module):
     assert not bad, f"{module} ({here}) imports from a higher layer: " + "; ".join(bad)
 
 
+# Modules allowed to import advshield's own modules inside functions, with the reason. The
+# generated Triton Python models run one stub process per model instance; each loads only what its
+# own class needs at initialize() (hoisting these imports made every instance load torch,
+# onnx2torch and scipy, and a 3-ensemble repository missed its 120 s readiness on 2 cores).
+LAZY_ALLOWED = {
+    "advshield.deploy.runtime": "Triton model instances load only what their class needs",
+    "advshield.deploy.python_models.classifier": "Triton model file: advshield loads in initialize()",
+    "advshield.deploy.python_models.features": "Triton model file: advshield loads in initialize()",
+    "advshield.deploy.python_models.postprocess": "Triton model file: advshield loads in initialize()",
+    "advshield.deploy.python_models.preprocess": "Triton model file: advshield loads in initialize()",
+}
+
+
 def test_no_lazy_advshield_imports():
     """Imports of advshield's own modules sit at the top of the file, where the dependency graph
-    can be seen (a lazy import is for an optional heavy third-party dependency)."""
-    lazy = [f"{m}:{line} imports {t}" for m, p in MODULES.items() for t, line, inside in imports(p, m) if inside]
+    can be seen (a lazy import is for an optional heavy third-party dependency), except in the
+    modules of ``LAZY_ALLOWED``, each with its reason."""
+    lazy = [f"{m}:{line} imports {t}" for m, p in MODULES.items() for t, line, inside in imports(p, m)
+            if inside and m not in LAZY_ALLOWED]
     assert not lazy, "\n".join(lazy)
 
 

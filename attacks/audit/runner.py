@@ -1,5 +1,20 @@
 """The audit runner: phases and units over fixed batches, the cascade over the samples still
-robust, every example checked, rounded and re-scored, one record per (sample, attack, eps)."""
+robust, every example checked, rounded and re-scored, one record per (sample, attack, eps).
+
+Scoring. A deterministic pipeline is scored by one serving call per batch, its served label
+(the classifier's own label where the detector rejected the image). A random one is scored as an
+attacker meets it: by ``draws`` fresh serving draws that the attacks never used (draw d of batch b
+seeded ``derive_seed(audit seed, "score", b, d)``); a clean image is correct, an adversarial
+example a success, when the majority of its draws say so, and the records keep the share of
+draws the pipeline got right (``clean_share``, ``adv_share``: the expected accuracy over draws).
+Each image is scored in its sample's place of its full clean batch (the other places hold their
+clean images): the defenses draw per place, not per content, so a sample's clean image and every
+adversarial example of it meet the same draws, and a difference between them is the attack's
+doing, not the dice. Per draw, an example succeeds when it is valid, differs from the clean image
+(distortion 0 is the clean image: never a success), is misclassified and, with
+``flagged_is_failure``, not flagged. Accuracy counts the classifier's own label whatever the
+detector's ``reject``: flagged clean images are the detector's false positives, not accuracy loss.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +50,50 @@ from advshield.core.validation import to_mapping
 
 
 @dataclass(frozen=True)
+class Scored:
+    """The serving path's verdict on a batch over its k draws (k = 1: deterministic)."""
+
+    labels: np.ndarray  # int64 [k, N]: the classifier's own label (the served one, except where rejected)
+    flagged: np.ndarray | None  # bool [k, N]; None without a detector
+    score: np.ndarray | None  # float [k, N]
+    seed: int | None  # the serving seed of the first call
+
+    @property
+    def k(self) -> int:
+        return len(self.labels)
+
+    def majority(self, hits: np.ndarray) -> np.ndarray:
+        """Per sample: more than half of the k draws are hits."""
+        return hits.sum(0) * 2 > self.k
+
+    def label(self, i: int) -> int:
+        """The most frequent label of sample i over the draws (the smallest on a tie)."""
+        return int(np.bincount(self.labels[:, i] + 1).argmax() - 1)
+
+    def flag(self, i: int) -> bool | None:
+        return None if self.flagged is None else bool(self.majority(self.flagged[:, i : i + 1])[0])
+
+    def mean_score(self, i: int) -> float | None:
+        return None if self.score is None else float(self.score[:, i].mean(dtype=np.float64))
+
+
+def own_labels(pred: Any) -> np.ndarray:
+    """The served labels, except where the detector rejected the image (label -1 and flagged):
+    there the classifier's own label, so accuracy does not depend on ``reject`` and a flagged but
+    fooled example stays visible (the detector's true positives); a -1 without a flag (a smoothed
+    pipeline's ABSTAIN) stays -1."""
+    served = np.asarray(pred.labels, np.int64)
+    rejected = (served == -1) & (np.asarray(pred.flagged, bool) if pred.flagged is not None else False)
+    return np.where(rejected, np.asarray(pred.probs).argmax(1), served)
+
+
+def is_random(setup: Setup) -> bool:
+    """Whether the serving path is random: declared by the scorer or the pipeline, or measured."""
+    return bool(getattr(setup.scorer, "random", False) or setup.mode.get("random_declared")
+                or setup.mode.get("random_measured"))
+
+
+@dataclass(frozen=True)
 class Unit:
     """One attack at one eps over the samples still robust in one batch."""
 
@@ -66,6 +125,8 @@ class Auditor:
         self.n = len(images)
         self.progress = progress
         self.on_commit = on_commit
+        self.random = is_random(setup)
+        self.draws = spec.draws if self.random else 1  # serving draws that score each image
         self.model = counted(setup.model)
         self.surrogate = counted(setup.surrogate) if setup.surrogate is not None else None
         table = to_mapping(spec)
@@ -164,19 +225,50 @@ class Auditor:
         if self.on_commit is not None:
             self.on_commit(key)
 
+    def _score(self, pos: np.ndarray, x: torch.Tensor, seed: int) -> Scored:
+        """The serving path's verdict on images ``x`` of the samples at ``pos``: one call seeded
+        ``seed`` (deterministic), or ``draws`` calls per clean batch, each image in its sample's
+        place of the full clean batch (random; see the module docstring)."""
+        if not self.random:
+            pred = self.setup.scorer.predict(x, seed=seed)
+            return Scored(own_labels(pred)[None], _stack([pred.flagged], bool), _stack([pred.score], None), pred.seed)
+        size, k = self.spec.batch_size, self.draws
+        labels = np.zeros((k, len(pos)), np.int64)
+        flagged: np.ndarray | None = None
+        score: np.ndarray | None = None
+        first: int | None = None
+        for b in np.unique(pos // size):
+            rows = np.flatnonzero(pos // size == b)
+            at = pos[rows] % size  # the samples' places in their clean batch
+            full = self.images[self.batches()[b]].clone()
+            full[torch.from_numpy(at)] = x[torch.from_numpy(rows)].to(full)
+            for d in range(k):
+                pred = self.setup.scorer.predict(full, seed=derive_seed(self.spec.seed, "score", int(b), d))
+                labels[d, rows] = own_labels(pred)[at]
+                if pred.flagged is not None:
+                    flagged = np.zeros((k, len(pos)), bool) if flagged is None else flagged
+                    flagged[d, rows] = np.asarray(pred.flagged, bool)[at]
+                if pred.score is not None:
+                    score = np.zeros((k, len(pos)), np.float32) if score is None else score
+                    score[d, rows] = np.asarray(pred.score)[at]
+                first = pred.seed if first is None else first
+        return Scored(labels, flagged, score, first)
+
     def _clean(self, b: int, pos: np.ndarray) -> None:
         x, y = self.images[pos], self.labels[pos]
         seed = derive_seed(self.spec.seed, "clean", b)
         t0 = time.perf_counter()
-        pred = self.setup.scorer.predict(x, seed=seed)
+        s = self._score(pos, x, seed)
         dt = (time.perf_counter() - t0) / len(pos)
+        right = s.labels == y.numpy()[None]  # the classifier's own label: a flag is no accuracy loss
+        correct, share = s.majority(right), right.mean(0)
         rows = []
         for i, p in enumerate(pos):
-            served = int(pred.labels[i])
-            rows.append(self._row("clean", "clean", "clean", "clean", None, None, b, p, served,
-                                  adv_pred=None, flagged=_at(pred.flagged, i), score=_at(pred.score, i),
+            rows.append(self._row("clean", "clean", "clean", "clean", None, None, b, p, s.label(i),
+                                  adv_pred=None, flagged=s.flag(i), score=s.mean_score(i),
                                   valid=True, reason="valid", success=False, d2=0.0, dinf=0.0, grads=0.0,
-                                  seconds=dt, seed=pred.seed, correct=served == int(y[i])))
+                                  seconds=dt, seed=s.seed, correct=bool(correct[i]), clean_share=float(share[i]),
+                                  adv_share=None))
         self._commit(("clean", None, b), rows)
 
     def _attack(self, u: Unit, pos: np.ndarray) -> None:
@@ -199,24 +291,23 @@ class Auditor:
         seconds = (time.perf_counter() - t0) / len(pos)
         grads = model.gradients / len(pos)
         checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, self.spec.levels))
-        score_seed = derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch)
-        pred = self.setup.scorer.predict(checked.adversarial, seed=score_seed)
-        # the served label, except where the detector rejected the image (label -1 and flagged):
-        # there the classifier's own label, so a flagged-but-fooled example is still visible (the
-        # detector's true positives); a -1 without a flag (a smoothed pipeline's ABSTAIN) stays -1
-        served = np.asarray(pred.labels, np.int64)
-        rejected = (served == -1) & (np.asarray(pred.flagged, bool) if pred.flagged is not None else False)
-        argmax = np.where(rejected, np.asarray(pred.probs).argmax(1), served)
-        flagged = pred.flagged if (self.spec.flagged_is_failure and pred.flagged is not None) else None
-        success = judge(checked, argmax, y, flagged=flagged)
+        s = self._score(pos, checked.adversarial, derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch))
+        moved = (checked.linf > 0).cpu().numpy()  # distortion 0 is the clean image: never a success
+        flags = s.flagged if self.spec.flagged_is_failure else None
+        wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
+                         for d in range(s.k)]) & moved
+        success, share = s.majority(wins), (s.k - wins.sum(0)) / s.k
         rows = []
         for i, p in enumerate(pos):
+            clean = self.clean[p]
             rows.append(self._row(u.attack, u.name, u.source, u.kind, u.norm, u.eps, u.batch, p,
-                                  int(self.clean[p]["clean_pred"]), adv_pred=int(argmax[i]),
-                                  flagged=_at(pred.flagged, i), score=_at(pred.score, i),
+                                  int(clean["clean_pred"]), adv_pred=s.label(i),
+                                  flagged=s.flag(i), score=s.mean_score(i),
                                   valid=bool(checked.valid[i]), reason=REASONS[int(checked.reason[i])],
                                   success=bool(success[i]), d2=float(checked.l2[i]), dinf=float(checked.linf[i]),
-                                  grads=grads, seconds=seconds, seed=pred.seed, correct=True))
+                                  grads=grads, seconds=seconds, seed=s.seed, correct=True,
+                                  clean_share=float(clean.get("clean_share", float(clean["correct"]))),
+                                  adv_share=float(share[i])))
         if u.kind == "minimal" or u.source == "sanity":
             self._save_examples(u, pos, checked.adversarial)
         self._commit(u.key, rows)
@@ -230,18 +321,20 @@ class Auditor:
 
     def _row(self, attack: str, name: str, source: str, kind: str, norm: str | None, eps: float | None, batch: int,
              p: int, clean_pred: int, *, adv_pred: int | None, flagged: Any, score: Any, valid: bool, reason: str,
-             success: bool, d2: float, dinf: float, grads: float, seconds: float, seed: Any, correct: bool) -> dict[str, Any]:
+             success: bool, d2: float, dinf: float, grads: float, seconds: float, seed: Any, correct: bool,
+             clean_share: float, adv_share: float | None) -> dict[str, Any]:
         return {
             "sample": int(p + self.spec.start), "attack": attack, "name": name, "source": source, "kind": kind,
             "norm": norm, "eps": eps, "batch": batch, "label": int(self.labels[p]), "clean_pred": clean_pred,
             "correct": bool(correct), "adv_pred": adv_pred, "flagged": flagged, "score": score, "valid": valid,
             "reason": reason, "success": success, "l2": d2, "linf": dinf, "gradients": grads,
             "seconds": round(seconds, 6), "seed": None if seed is None else int(seed),
+            # the k serving draws that scored the image (1: deterministic) and the share of them
+            # the pipeline got right: on the clean image (classified correctly), on the adversarial
+            # example (not a success: classified correctly, flagged, invalid or unchanged)
+            "draws": self.draws, "clean_share": clean_share, "adv_share": adv_share,
         }
 
 
-def _at(a: Any, i: int) -> Any:
-    if a is None:
-        return None
-    v = np.asarray(a)[i]
-    return bool(v) if v.dtype == bool else float(v)
+def _stack(arrays: list[Any], dtype: Any) -> np.ndarray | None:
+    return None if arrays[0] is None else np.stack([np.asarray(a, dtype) for a in arrays])

@@ -15,7 +15,7 @@ from advshield.core.validation import check, from_mapping, to_mapping
 # other values is refused
 RECORD_SETTINGS = ("eps_linf", "eps_l2", "samples", "start", "batch_size", "seed", "adaptive", "eot_samples",
                    "detector_aware", "detector_weight", "flagged_is_failure", "transfer", "levels", "sanity_eps",
-                   "sanity_samples")
+                   "sanity_samples", "draws")
 
 _ATTACK_KEYS = ("name", "id", "transfer", "eps")
 # the default cascade: minimal attacks for the per-sample distortion, then AutoAttack's gradient
@@ -134,6 +134,7 @@ class AuditSpec:
     detector_aware: bool = True  # adaptive attacks see the detector's reject logit
     detector_weight: float = 10.0
     flagged_is_failure: bool = True  # a flagged adversarial example is detected, not a success
+    draws: int = 11  # random pipelines: fresh serving draws per image, scored by majority (odd: no ties)
     transfer: bool = True  # run the transfer attacks (needs [model] surrogate)
     levels: int = 256  # adversarial images are rounded to this many grey levels (0: not rounded)
     d_upp: float = 1.0  # L2 distortion at which P_upp is reported
@@ -159,6 +160,8 @@ class AuditSpec:
         check(self.start >= 0, f"audit.start: must be >= 0, got {self.start}")
         check(self.batch_size >= 1, f"audit.batch_size: must be >= 1, got {self.batch_size}")
         check(self.eot_samples >= 0, f"audit.eot_samples: must be >= 0 (0: automatic), got {self.eot_samples}")
+        check(self.draws >= 1, f"audit.draws: must be >= 1 (serving draws that score each image of a random "
+                               f"pipeline, by majority; odd avoids ties), got {self.draws}")
         check(self.detector_weight > 0, f"audit.detector_weight: must be > 0, got {self.detector_weight}")
         check(self.levels == 0 or self.levels >= 2, f"audit.levels: must be 0 or >= 2, got {self.levels}")
         check(self.d_upp > 0, f"audit.d_upp: must be > 0, got {self.d_upp}")

@@ -6,6 +6,11 @@ statistics (``advshield.attacks.metrics``); the report renders that dict and rec
 * clean accuracy over the N' audited samples; everything else over the N correct ones;
 * robust accuracy at eps (per norm): correct and no successful record whose distortion in that
   norm is <= eps, over every attack (a valid example within eps counts whichever attack found it);
+* scoring: a random pipeline's images were scored by the majority of k serving draws (``draws``);
+  next to those majority-vote accuracies, the expected accuracy over draws: the mean over samples
+  of the share of draws the pipeline got right, for robust accuracy the least share over the clean
+  image and every example within eps (the attacker may always send the clean image). For a
+  deterministic pipeline (k = 1) the two are equal;
 * per minimal attack (it ran on every correct sample): P_suc, conditional mean L2 distortion over
   the successes, median and quantiles of the per-sample distortion (+inf where it failed), the
   operating characteristic P(D) and P_upp = P(D_upp); the same for the per-sample best of the
@@ -76,11 +81,19 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
     for r in records:
         if r["attack"] != "clean" and r["attack"] not in order:
             order.append(r["attack"])
+    clean_share = np.array([_clean_share(r) for r in clean])
+    draws = max(int(r.get("draws", 1)) for r in clean)
     out: dict[str, Any] = {
         "samples": n,
         "first_sample": clean[0]["sample"],
         "correct": n_correct,
         "clean_accuracy": M.clean_accuracy(correct),
+        "scoring": {
+            "random": bool(draws > 1 or mode.get("random_declared") or mode.get("random_measured")),
+            "draws": draws,  # serving draws that scored each image, by majority
+            "eot_samples": mode.get("eot_samples"),  # EOT draws per gradient of the attacks
+            "expected_clean_accuracy": float(clean_share.mean()),
+        },
         "attacks": {},
     }
 
@@ -98,13 +111,26 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
         "all attacks": least(lambda r: True),
         "white-box": least(lambda r: r["source"] != "transfer"),
     }
+    picks = {"all attacks": lambda r: True, "white-box": lambda r: r["source"] != "transfer"}
+
+    def expected(norm: str, grid: np.ndarray, pick) -> list[float]:
+        """Per eps, the mean over samples of the least share of draws right: on the clean image,
+        on every example within eps."""
+        share = np.repeat(clean_share[:, None], len(grid), axis=1)
+        for r in records:
+            if r["attack"] != "clean" and pick(r):
+                i, within = index[r["sample"]], r[norm] <= grid + DIST_TOL
+                share[i, within] = np.minimum(share[i, within], _adv_share(r))
+        return share.mean(0).tolist()
+
     out["robust_accuracy"] = {}
     for norm in NORMS:
         grid = np.asarray(spec.grid(norm), dtype=np.float64)
-        table = {"eps": grid.tolist()}
+        table: dict[str, Any] = {"eps": grid.tolist()}
         for label, best in unions.items():
             broken = best[norm][None, :] <= grid[:, None] + DIST_TOL
             table[label] = (correct[None, :] & ~broken).mean(1).tolist()
+        table["expected"] = {label: expected(norm, grid, pick) for label, pick in picks.items()}
         all_broken = unions["all attacks"][norm][None, :] <= grid[:, None] + DIST_TOL
         table["success_rate"] = ((correct[None, :] & all_broken).sum(1) / n_correct).tolist() if n_correct else [math.nan] * len(grid)
         out["robust_accuracy"][norm] = table
@@ -191,6 +217,19 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
     out["cost"] = {"gradients": float(total_g), "attack_seconds": float(total_s),
                    "records": sum(1 for r in records if r["attack"] != "clean")}
     return out
+
+
+def _clean_share(r: Mapping[str, Any]) -> float:
+    """Share of the serving draws that classified the clean image correctly (records written
+    before draws were counted: 1 or 0)."""
+    share = r.get("clean_share")
+    return float(r["correct"]) if share is None else float(share)
+
+
+def _adv_share(r: Mapping[str, Any]) -> float:
+    """Share of the serving draws on which the adversarial example was not a success."""
+    share = r.get("adv_share")
+    return float(not r["success"]) if share is None else float(share)
 
 
 def distortion_budget(certify: Mapping[str, Any], metrics: Mapping[str, Any], target: float) -> dict[str, Any]:

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from advshield.deploy.runtime import OnnxStep
-
 
 class TritonPythonModel:
     def initialize(self, args):
+        from advshield.deploy.runtime import OnnxStep
+
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.input_name = config["input"][0]["name"]

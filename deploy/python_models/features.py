@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from advshield.deploy.runtime import FeatureStep, check_stub_numpy
-
 
 def instance_device(args):
     if args.get("model_instance_kind") == "GPU":
@@ -23,6 +21,8 @@ def instance_device(args):
 
 class TritonPythonModel:
     def initialize(self, args):
+        from advshield.deploy.runtime import FeatureStep, check_stub_numpy
+
         check_stub_numpy(pb_utils)
 
         config = json.loads(args["model_config"])

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from advshield.deploy.runtime import Postprocess, check_stub_numpy, split_rows
-
 
 class TritonPythonModel:
     def initialize(self, args):
+        from advshield.deploy.runtime import Postprocess, check_stub_numpy
+
         check_stub_numpy(pb_utils)
 
         config = json.loads(args["model_config"])
@@ -44,6 +44,7 @@ class TritonPythonModel:
         except Exception as e:
             err = pb_utils.TritonError(f"post-processing failed: {type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=err) for _ in requests]
+        from advshield.deploy.runtime import split_rows
 
         self.scored.increment(int(sum(sizes)))
         self.flagged.increment(int(result["FLAGGED"].sum()))

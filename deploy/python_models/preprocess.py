@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from advshield.deploy.runtime import Preprocess, RequestError, check_stub_numpy, run_isolated
-
 
 def instance_device(args):
     if args.get("model_instance_kind") == "GPU":
@@ -34,6 +32,8 @@ def error_response(message):
 
 class TritonPythonModel:
     def initialize(self, args):
+        from advshield.deploy.runtime import Preprocess, RequestError, check_stub_numpy
+
         check_stub_numpy(pb_utils)
 
         params = parameters(args)
@@ -67,6 +67,7 @@ class TritonPythonModel:
                 continue
             jobs.append(job)
             where.append(i)
+        from advshield.deploy.runtime import run_isolated
 
         for i, job, result in zip(where, jobs, run_isolated(self.pre.run, jobs)):
             if isinstance(result, Exception):
