@@ -15,6 +15,7 @@ import torch
 
 from advshield import api
 from advshield.attacks.audit_pipeline import AuditResult
+from advshield.attacks.report.render import eps_label
 from advshield.core.data import load_fashion_mnist
 from advshield.core.errors import AdvshieldError
 from advshield.core.resources import DEFAULT_PIPELINE, example_pipeline
@@ -28,7 +29,8 @@ def print_audit_summary(result: AuditResult) -> None:
     metrics, gate = result.metrics, result.gate
     print(f"\nclean accuracy {metrics['clean_accuracy']:.3f} on {metrics['samples']} samples")
     for norm, t in metrics["robust_accuracy"].items():
-        print(f"robust accuracy {norm}: " + "  ".join(f"{e:g}: {a:.3f}" for e, a in zip(t["eps"], t["all attacks"])))
+        print(f"robust accuracy {norm}: " + "  ".join(f"{eps_label(e, norm)}: {a:.3f}"
+                                                     for e, a in zip(t["eps"], t["all attacks"])))
     best = metrics.get("best_minimal")
     if best:
         print(f"best of {', '.join(best['attacks'])}: P_suc {best['p_suc']:.3f}, median L2 {best['median_distortion']:.3f}, "

@@ -23,6 +23,7 @@ from advshield.attacks.report import (
     validate_report,
     write_report,
 )
+from advshield.attacks.report.render import eps_label
 from advshield.core.validation import from_mapping
 from advshield.plugin.config import GateSpec
 
@@ -263,3 +264,10 @@ def test_a_broken_report_fails_validation(m, corrupt, message):
     corrupt(report)
     with pytest.raises(ReportSchemaError, match=re.escape(message)):
         validate_report(report)
+
+
+def test_linf_budgets_are_labelled_on_the_8_bit_lattice():
+    assert eps_label(8 / 255) == "8/255 (0.03137)"
+    assert eps_label(0.03) == "0.03 (= 7/255 after rounding)"
+    assert eps_label(0.5, "l2") == "0.5"
+    assert eps_label(0.03, "linf", levels=0) == "0.03"

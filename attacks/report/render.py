@@ -106,6 +106,17 @@ def _g(v: Any) -> str:
     return f"{v:g}"
 
 
+def eps_label(eps: float, norm: str = "linf", levels: int = 256) -> str:
+    """An eps as the threat check applies it: L-inf budgets on the 8-bit lattice read k/255 with
+    their value; one between two grey levels says which level it really is after rounding."""
+    if norm != "linf" or not levels:
+        return f"{eps:g}"
+    k = eps * (levels - 1)
+    if abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/{levels - 1} ({eps:.4g})"
+    return f"{eps:g} (= {math.floor(k + 1e-9)}/{levels - 1} after rounding)"
+
+
 def _dash(v: Any) -> str:
     """A value as recorded (the gate's thresholds and measurements), "-" when there is none."""
     return "-" if v is None else str(v)
@@ -119,7 +130,7 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
-_ENV.filters.update(num=_num, pct=_pct, g=_g, dash=_dash)
+_ENV.filters.update(num=_num, pct=_pct, g=_g, dash=_dash, eps=eps_label)
 
 
 def _context(report: Mapping[str, Any], plots: Mapping[str, str]) -> dict[str, Any]:
