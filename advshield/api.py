@@ -59,7 +59,8 @@ def fit(pipeline: PipelineLike, *, samples: int | None = None, calibration: int 
 def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int | None = None,
           start: int | None = None, batch_size: int | None = None, seed: int | None = None,
           attacks: Sequence[str] | None = None, adaptive: Literal["auto", "on", "off"] | None = None,
-          eot_samples: int | None = None, detector_aware: bool | None = None, target: str | None = None,
+          eot_samples: int | None = None, detector_aware: bool | None = None,
+          protocol: Literal["cascade", "independent"] | None = None, target: str | None = None,
           token: str | None = None, fresh: bool = False, certify: bool | None = None,
           certify_dir: str | Path | None = None, threads: int | None = None, progress: bool = True,
           command: str = "") -> AuditResult:
@@ -72,6 +73,7 @@ def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int
         torch.set_num_threads(threads)
     return audit_pipeline(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
                           attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
+                          protocol=protocol,
                           target=target, token=token, fresh=fresh, certify=certify, certify_dir=certify_dir,
                           progress=progress, command=command)
 

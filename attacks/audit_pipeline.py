@@ -143,6 +143,7 @@ def audit_pipeline(
     adaptive: Literal["auto", "on", "off"] | None = None,
     eot_samples: int | None = None,
     detector_aware: bool | None = None,
+    protocol: Literal["cascade", "independent"] | None = None,
     target: str | None = None,
     token: str | None = None,
     fresh: bool = False,
@@ -160,7 +161,7 @@ def audit_pipeline(
     """
     t_start = time.perf_counter()
     spec = audit_spec(cfg, samples=samples, start=start, batch_size=batch_size, seed=seed, adaptive=adaptive,
-                      eot_samples=eot_samples, detector_aware=detector_aware)
+                      eot_samples=eot_samples, detector_aware=detector_aware, protocol=protocol)
     if attacks:
         spec = spec.select(attacks)
     spec = spec.with_gate_eps(cfg.gate.gate_eps)

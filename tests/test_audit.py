@@ -22,11 +22,12 @@ from advshield.attacks.audit import (
     load_examples,
     read_records,
 )
+from advshield.attacks.gate import evaluate_gate
 from advshield.attacks.registry import AttackSpec
-from advshield.attacks.report import compute_metrics
+from advshield.attacks.report import build_report, compute_metrics, jsonable, render_markdown, validate_report
 from advshield.core.errors import ConfigError, InputError
 from advshield.core.validation import from_mapping
-from advshield.plugin.config import load_pipeline
+from advshield.plugin.config import GateSpec, load_pipeline
 
 N = 12
 
@@ -276,3 +277,30 @@ def test_resume_keeps_committed_units_without_records(full_run):
     log.close()
     _, _, after = read_records(path)
     assert after == done and sum('"commit"' in line for line in path.read_text().splitlines()) == committed_lines
+
+
+def test_the_thesis_protocol_runs_every_attack_on_every_correct_sample(setup, data, tmp_path):
+    """protocol = "independent": no cascade; each attack gets its own statistics, with and without
+    8-bit rounding."""
+    spec = spec_of(attacks=[{"name": "fgsm"}, {"name": "pgd_linf", "steps": 5}, {"name": "ddn", "steps": 10}],
+                   protocol="independent", sanity_eps=0.0)
+    records = Auditor(setup, spec, *data, tmp_path, progress=False).run()
+    correct = {r["sample"] for r in records if r["attack"] == "clean" and r["correct"]}
+    for attack in ("fgsm", "pgd_linf"):
+        for eps in spec.eps_linf:
+            attacked = {r["sample"] for r in records if r["attack"] == attack and r["eps"] == eps}
+            assert attacked == correct, (attack, eps)  # no cascade: broken samples are attacked again
+    attacked = [r for r in records if r["attack"] != "clean"]
+    assert all(isinstance(r["float_success"], bool) and r["float_l2"] >= 0 for r in attacked)
+    m = compute_metrics(records, spec)
+    rows = {(r["attack"], r["eps"]): r for r in m["independent"]["rows"]}
+    assert set(rows) == {("ddn", None)} | {(a, e) for a in ("fgsm", "pgd_linf") for e in spec.eps_linf}
+    # a larger budget breaks at least as much, for the iterative attack on the same samples
+    p = [rows[("pgd_linf", e)]["rounded"]["p_suc"] for e in spec.eps_linf]
+    assert p == sorted(p)
+    assert 0 <= rows[("ddn", None)]["float"]["p_suc"] <= 1
+    report = build_report(pipeline={"name": "t", "sha256": {}, "paths": {}}, spec=spec, probes={"mode": setup.mode},
+                          metrics=m, warnings=[], gate=evaluate_gate(GateSpec(), m).to_dict(), budget=None)
+    validate_report(jsonable(report))
+    text = render_markdown(jsonable(report), {})
+    assert "the thesis's protocol" in text and "| pgd_linf | linf | " in text

@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eot", type=int, default=None, help="EOT draws per gradient (default: [audit] eot_samples or 10 when random)")
     p.add_argument("--detector-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="adaptive attacks include the detector's reject logit (default: [audit] detector_aware or yes)")
+    p.add_argument("--protocol", choices=("cascade", "independent"), default=None,
+                   help="cascade: each budget attack on the samples still robust; independent: the thesis's "
+                        "protocol, every attack on every correct sample, judged with and without rounding "
+                        "(default: [audit] protocol or cascade)")
     p.add_argument("--target", default=None, help="re-score through a live server: grpc://HOST:PORT[/MODEL]")
     p.add_argument("--token", default=None, help="bearer token for --target")
     g = p.add_mutually_exclusive_group()
@@ -50,7 +54,8 @@ def cmd_audit(args) -> int:
         certify = True if args.certify else (False if args.no_certify else None)
         result = api.audit(args.pipeline, out=args.out, samples=args.samples, start=args.start,
                            batch_size=args.batch_size, seed=args.seed, attacks=args.attacks, adaptive=args.adaptive,
-                           eot_samples=args.eot, detector_aware=args.detector_aware, target=args.target,
+                           eot_samples=args.eot, detector_aware=args.detector_aware, protocol=args.protocol,
+                           target=args.target,
                            token=args.token, fresh=args.fresh, certify=certify, certify_dir=args.certify_dir,
                            threads=args.threads, progress=not args.quiet, command=command)
     except (AdvshieldError, KeyboardInterrupt):

@@ -194,7 +194,7 @@ class Auditor:
             return np.flatnonzero(self.correct)[: self.spec.sanity_samples]
         pos = self.batches()[unit.batch]
         keep = self.correct[pos]
-        if unit.kind == "budget" and unit.eps is not None:
+        if unit.kind == "budget" and unit.eps is not None and self.spec.protocol == "cascade":
             keep &= self.broken[unit.norm][pos] > unit.eps + DIST_TOL
         return pos[keep]
 
@@ -297,6 +297,7 @@ class Auditor:
         wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
                          for d in range(s.k)]) & moved
         success, share = s.majority(wins), (s.k - wins.sum(0)) / s.k
+        unrounded = self._unrounded(u, pos, x, y, adv) if self.spec.protocol == "independent" else None
         rows = []
         for i, p in enumerate(pos):
             clean = self.clean[p]
@@ -308,9 +309,25 @@ class Auditor:
                                   grads=grads, seconds=seconds, seed=s.seed, correct=True,
                                   clean_share=float(clean.get("clean_share", float(clean["correct"]))),
                                   adv_share=float(share[i])))
+            if unrounded is not None:
+                rows[-1].update({k: v[i] for k, v in unrounded.items()})
         if u.kind == "minimal" or u.source == "sanity":
             self._save_examples(u, pos, checked.adversarial)
         self._commit(u.key, rows)
+
+    def _unrounded(self, u: Unit, pos: np.ndarray, x: torch.Tensor, y: torch.Tensor,
+                   adv: torch.Tensor) -> dict[str, list[Any]]:
+        """The thesis protocol's second judgement: the same example checked without 8-bit rounding
+        and re-scored (``float_success``, ``float_l2``, ``float_linf``)."""
+        checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, 0))
+        s = self._score(pos, checked.adversarial, derive_seed(self.spec.seed, "score float", u.attack, u.eps, u.batch))
+        moved = (checked.linf > 0).cpu().numpy()
+        flags = s.flagged if self.spec.flagged_is_failure else None
+        wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
+                         for d in range(s.k)]) & moved
+        success = s.majority(wins)
+        return {"float_success": [bool(v) for v in success], "float_l2": [float(v) for v in checked.l2],
+                "float_linf": [float(v) for v in checked.linf]}
 
     def _save_examples(self, u: Unit, pos: np.ndarray, adv: torch.Tensor) -> None:
         folder = self.out / EXAMPLES / u.attack

@@ -15,7 +15,7 @@ from advshield.core.validation import check, from_mapping, to_mapping
 # other values is refused
 RECORD_SETTINGS = ("eps_linf", "eps_l2", "samples", "start", "batch_size", "seed", "adaptive", "eot_samples",
                    "detector_aware", "detector_weight", "flagged_is_failure", "transfer", "levels", "sanity_eps",
-                   "sanity_samples", "draws")
+                   "sanity_samples", "draws", "protocol")
 
 _ATTACK_KEYS = ("name", "id", "transfer", "eps")
 # the default cascade: minimal attacks for the per-sample distortion, then AutoAttack's gradient
@@ -134,6 +134,11 @@ class AuditSpec:
     detector_aware: bool = True  # adaptive attacks see the detector's reject logit
     detector_weight: float = 10.0
     flagged_is_failure: bool = True  # a flagged adversarial example is detected, not a success
+    # cascade: each budget attack on the samples still robust (the audit's worst case, cheapest);
+    # independent: the thesis's protocol (ch. 3, Table 5.2): every attack on every correct sample at
+    # every eps of its grid, each with its own P_suc, conditional distortion and P_upp, judged with
+    # and without 8-bit rounding
+    protocol: Literal["cascade", "independent"] = "cascade"
     draws: int = 11  # random pipelines: fresh serving draws per image, scored by majority (odd: no ties)
     transfer: bool = True  # run the transfer attacks (needs [model] surrogate)
     levels: int = 256  # adversarial images are rounded to this many grey levels (0: not rounded)

@@ -212,6 +212,9 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
                                     "tpr": float(np.mean([bool(r["flagged"]) for r in rows])) if rows else None}
         out["detector"] = det
 
+    if getattr(spec, "protocol", "cascade") == "independent":
+        out["independent"] = independent_attacks(records, correct, index, spec)
+
     total_g = sum(r["gradients"] for r in records if r["attack"] != "clean")
     total_s = sum(r["seconds"] for r in records)
     out["cost"] = {"gradients": float(total_g), "attack_seconds": float(total_s),
@@ -277,3 +280,29 @@ def empirical_budget(distortion: Sequence[float], p: Sequence[float], correct: i
         if round(share * correct) > k:
             return float(d)
     return math.inf
+
+
+def independent_attacks(records: Sequence[Mapping[str, Any]], correct: np.ndarray, index: Mapping[int, int],
+                        spec: Any) -> dict[str, Any]:
+    """The thesis's protocol (ch. 3): per attack and eps (minimal attacks: once), over the correct
+    samples, P_suc, the conditional mean L2 distortion D-bar and P_upp = P(D_upp), judged after
+    8-bit rounding and without it (``float_*`` record fields)."""
+    groups: dict[tuple[str, Any], list[Mapping[str, Any]]] = {}
+    for r in records:
+        if r["attack"] != "clean" and r["source"] != "sanity":
+            groups.setdefault((r["attack"], r["eps"]), []).append(r)
+    rows = []
+    for (attack, eps), rs in groups.items():
+        row: dict[str, Any] = {"attack": attack, "eps": eps, "kind": rs[0]["kind"], "norm": rs[0]["norm"],
+                               "source": rs[0]["source"], "attacked": len(rs)}
+        for tag, s_key, d_key in (("rounded", "success", "l2"), ("float", "float_success", "float_l2")):
+            success = np.zeros(len(correct), bool)
+            dist = np.full(len(correct), np.inf)
+            for r in rs:
+                success[index[r["sample"]]] = bool(r.get(s_key, False))
+                dist[index[r["sample"]]] = float(r.get(d_key, np.inf))
+            row[tag] = {"p_suc": M.success_probability(success, correct),
+                        "mean_l2": M.conditional_distortion(dist, success, correct),
+                        "p_upp": M.p_upp(dist, success, correct, spec.d_upp)}
+        rows.append(row)
+    return {"d_upp": spec.d_upp, "rows": rows}
