@@ -188,7 +188,9 @@ def audit_pipeline(
         print(f"resuming: {len(auditor.log.done)} batches already in {out / RECORDS}")
     records = auditor.run()
 
-    probes = run_probes(setup, images, labels, auditor.correct, spec.seed)
+    # after the cascade: gradient and randomness probes, then the attack probes (independent runs on
+    # probe_samples correct samples at the gate's eps) and the BPDA approximation error
+    probes = run_probes(setup, images, labels, auditor.correct, spec.seed, auditor=auditor, gate_eps=cfg.gate.gate_eps)
     if parity is not None:
         probes["serving_parity"] = parity
     metrics = compute_metrics(records, spec, setup.mode)
@@ -204,7 +206,9 @@ def audit_pipeline(
             budget["certificate_check"] = check
             violations = check["violations"]
     write_json(out / PROBES, probes)
-    warnings = [w.to_dict() for w in masking_warnings(records, probes, spec.masking_tolerance, violations)]
+    warnings = [w.to_dict() for w in masking_warnings(records, probes, spec.masking_tolerance, violations,
+                                                      convergence_tolerance=spec.convergence_tolerance,
+                                                      bpda_tolerance=spec.bpda_tolerance)]
     gate = evaluate_gate(cfg.gate, metrics, gate_norm=spec.gate_norm, warnings=len(warnings), budget=budget)
     report = build_report(pipeline=pipeline_info(cfg, checksums), spec=spec, probes=probes, metrics=metrics,
                           warnings=warnings, gate=gate.to_dict(), budget=budget, command=command,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from advshield.attacks.masking import BPDA_TOLERANCE, CONVERGENCE_TOLERANCE
 from advshield.attacks.registry import AttackSpec, get_attack
 from advshield.core.errors import ConfigError
 from advshield.core.validation import check, from_mapping, to_mapping
@@ -150,6 +151,19 @@ class AuditSpec:
     gate_norm: Literal["linf", "l2"] = "linf"  # norm of [gate] gate_eps
     certify_checks: int = 20  # certified samples the smoothed-classifier sanity check attacks
     entries: tuple[AttackEntry, ...] = field(init=False, repr=False, compare=False)
+    # the masking probes (attacks/audit/probes.py), run after the cascade on a seeded subsample of
+    # the correct samples; they leave the records alone (not in RECORD_SETTINGS)
+    probe_samples: int = 32  # correct samples the attack and BPDA probes run on (0: no such probes)
+    probe_eps: float = 0.0  # budget (norm gate_norm) of the attack probes; 0: gate_eps, else mid-grid
+    # the iterative white-box attack the probes run, a name or a table as in ``attacks`` (budget, of
+    # norm gate_norm, not transfer); "": the audit's first such attack with steps, else apgd_ce_<norm>
+    probe_attack: Any = ""
+    probe_restarts: int = 5  # random restarts of the restart probe (twice the attack's own when not more)
+    # 0.02: success rising by more than this with twice the steps: the attack has not converged
+    convergence_tolerance: float = CONVERGENCE_TOLERANCE
+    # 0.5: mean ||defense(x) - approximation(x)||_2 / ||x||_2 above this: BPDA follows another function
+    bpda_tolerance: float = BPDA_TOLERANCE
+    probe_entry: AttackEntry | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         entries = tuple(parse_attack(a, f"audit.attacks[{i}]") for i, a in enumerate(self.attacks))
@@ -175,6 +189,27 @@ class AuditSpec:
         check(self.sanity_samples >= 0, f"audit.sanity_samples: must be >= 0, got {self.sanity_samples}")
         check(0 <= self.masking_tolerance < 1, f"audit.masking_tolerance: must be within [0, 1), got {self.masking_tolerance}")
         check(self.certify_checks >= 0, f"audit.certify_checks: must be >= 0, got {self.certify_checks}")
+        check(self.probe_samples >= 0, f"audit.probe_samples: must be >= 0 (0: no attack probes), got {self.probe_samples}")
+        check(self.probe_eps >= 0, f"audit.probe_eps: must be >= 0 (0: the gate's eps), got {self.probe_eps}")
+        check(self.gate_norm != "linf" or self.probe_eps <= 1,
+              f"audit.probe_eps: an L-inf eps is at most 1 (pixels in [0, 1]), got {self.probe_eps}")
+        check(self.probe_restarts >= 2, f"audit.probe_restarts: must be >= 2, got {self.probe_restarts}")
+        check(0 <= self.convergence_tolerance < 1,
+              f"audit.convergence_tolerance: must be within [0, 1), got {self.convergence_tolerance}")
+        check(self.bpda_tolerance > 0, f"audit.bpda_tolerance: must be > 0, got {self.bpda_tolerance}")
+        object.__setattr__(self, "probe_entry", self._probe_entry())
+
+    def _probe_entry(self) -> AttackEntry | None:
+        if isinstance(self.probe_attack, str) and not self.probe_attack:
+            return None
+        e = parse_attack(self.probe_attack, "audit.probe_attack")
+        where = f"audit.probe_attack: {e.name!r}"
+        check(not e.transfer, f"{where} must be a white-box attack (transfer = false)")
+        check(e.kind == "budget", f"{where} is a minimal attack; the probes need a budget attack with steps")
+        check(e.norm == self.gate_norm, f"{where} is an {e.norm} attack; the probes run in gate_norm = {self.gate_norm!r}")
+        check("steps" in e.spec.hyper_names, f"{where} has no steps: the probes need an iterative attack")
+        check(not e.eps, f"{where}: remove eps, the probes run at probe_eps (or the gate's eps)")
+        return e
 
     def grid(self, norm: str) -> tuple[float, ...]:
         return self.eps_linf if norm == "linf" else self.eps_l2

@@ -75,12 +75,24 @@ def build_report(*, pipeline: Mapping[str, Any], spec: Any, probes: Mapping[str,
         "probes": {
             "randomness": probes.get("randomness"),
             "gradients": {k: (float(np.median(v)) if isinstance(v, list) and v else v) for k, v in gp.items()} if gp else None,
+            "attacks": _attack_probe_summary(probes.get("attacks")),
+            "bpda": probes.get("bpda"),
         },
         "metrics": metrics,
         "distortion_budget": budget,
         "warnings": list(warnings),
         "gate": gate,
     })
+
+
+def _attack_probe_summary(p: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The attack probe without its per-sample lists (probes.json keeps them)."""
+    if not p:
+        return None
+    return {"samples": len(p["samples"]), "norm": p["norm"], "eps": p["eps"], "eps_from": p["eps_from"],
+            "skipped": dict(p.get("skipped", {})),
+            "runs": {k: {f: r[f] for f in ("attack", "name", "source", "hyper", "success_rate", "gradients_per_image")}
+                     for k, r in p["runs"].items()}}
 
 
 # --- number formatting (the templates' filters) ----------------------------------------------------
