@@ -8,7 +8,8 @@ the registry names them with their kind (budget or minimal) and defaults::
 
 Modules: ``gradient`` (FGSM, BIM, PGD, APGD, APGD-T: one loop), ``carlini_wagner``, ``deepfool``,
 ``decoupled_direction_norm`` (DDN), ``boundary_projection`` (BP, thesis ch. 5), ``transfer``,
-``adaptive`` (BPDA/EOT/detector-aware attack models), ``threat`` (the never-trust check),
+``adaptive`` (BPDA/EOT/detector-aware attack models), ``detector_attacks`` (orthogonal PGD
+and the combined-loss sweep against a detector), ``threat`` (the never-trust check),
 ``primitives`` (norms, losses, gradient counting), ``audit`` (spec, records, runner, probes),
 ``audit_pipeline`` (the whole audit in one call), ``certify``, ``metrics``, ``masking``, ``gate``,
 ``report``.
@@ -19,6 +20,7 @@ from advshield.attacks.boundary_projection import bp
 from advshield.attacks.carlini_wagner import cw_l2
 from advshield.attacks.decoupled_direction_norm import ddn
 from advshield.attacks.deepfool import deepfool
+from advshield.attacks.detector_attacks import detector_sweep, opgd
 from advshield.attacks.gradient import apgd, apgd_t, bim, fgsm, pgd
 from advshield.attacks.registry import ATTACKS, AttackSpec, get_attack, register_attack, run_attack
 from advshield.attacks.transfer import transfer_attack
@@ -35,8 +37,10 @@ __all__ = [
     "cw_l2",
     "ddn",
     "deepfool",
+    "detector_sweep",
     "fgsm",
     "get_attack",
+    "opgd",
     "pgd",
     "register_attack",
     "run_attack",

@@ -4,6 +4,10 @@ gradient attack.
 * **BPDA**: every non-differentiable defense runs forward as itself and backward through its
   declared ``approximation`` (``Defense.__call__(..., bpda=True)``); differentiable defenses are
   differentiated exactly. Nothing is silent: a defense without BPDA under autograd raises.
+* **Feature layers**: a pipeline whose classifier is split around feature-layer defenses
+  (``SplitClassifier``) is attacked through its split twin (``twin_of``: every ONNX segment
+  converted to torch and parity-checked, the same defenses in between); ``AttackModel`` runs the
+  feature-layer steps with BPDA and with its generator, like the image-layer ones.
 * **EOT**: random defenses draw from the model's own seeded generator, a new draw per forward
   pass; ``eot_samples = n`` makes every attack average its loss gradients (and decision logits)
   over n draws (see ``advshield.attacks.primitives.value_and_grad``). ``attack_model`` switches EOT on
@@ -24,6 +28,7 @@ import torch
 from advshield.core.errors import InputError
 from advshield.defenses.base import Defense
 from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
+from advshield.plugin.split import SplitClassifier, twin_of_split
 
 DEFAULT_EOT_SAMPLES = 10
 
@@ -60,7 +65,7 @@ class AttackModel:
 
     @property
     def random(self) -> bool:
-        return any(d.random for d in self.defenses)
+        return any(d.random for d in self.defenses) or bool(getattr(self.classifier, "random", False))
 
     @property
     def reject_class(self) -> bool:
@@ -85,9 +90,16 @@ class AttackModel:
             x = d(x, g, bpda=True)
         return x
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier on defended images; a split one runs its feature-layer steps with BPDA
+        and this model's generator."""
+        if isinstance(self.classifier, SplitClassifier):
+            return self.classifier(x, self.generator(x.device), bpda=True)
+        return self.classifier(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.forwards += int(x.shape[0])
-        logits = self.classifier(self.defend(x))
+        logits = self.classify(self.defend(x))
         if self.detector is None:
             return logits
         score = self.detector(x).reshape(-1).to(logits.dtype)
@@ -104,18 +116,37 @@ def is_random(defend: Callable[[torch.Tensor, torch.Generator], torch.Tensor], p
 
 
 def twin_of(pipeline: Any, **kwargs: Any) -> torch.nn.Module:
-    """The differentiable twin of a pipeline's classifier (itself when it already is one)."""
+    """The differentiable twin of a pipeline's classifier (itself when it already is one).
+
+    An ONNX Runtime ``SplitClassifier`` (feature-layer defenses) gets its split twin
+    (``twin_of_split``): each segment converted to torch and parity-checked against its ONNX Runtime
+    segment, the same defenses between them, BPDA on. ``kwargs`` (e.g. ``check_with``: real images
+    for the parity check) go to the twin's constructor."""
     clf = pipeline.classifier
-    if isinstance(clf, torch.nn.Module):
-        return clf
-    if not isinstance(clf, OnnxClassifier):
-        raise InputError(f"cannot build a differentiable twin of {clf!r}: pass twin=... explicitly")
     cfg = getattr(pipeline, "config", None)
     opts: dict[str, Any] = {"device": "auto", "validate": False}
     if cfg is not None:
         opts.update(device=cfg.model.device, tolerance=cfg.model.parity_tolerance)
     opts.update(kwargs)
+    if isinstance(clf, SplitClassifier):
+        return twin_of_split(clf, **opts)
+    if isinstance(clf, torch.nn.Module):
+        return clf
+    if not isinstance(clf, OnnxClassifier):
+        raise InputError(f"cannot build a differentiable twin of {clf!r}: pass twin=... explicitly")
     return TwinClassifier(clf.path, reference=clf, **opts)
+
+
+def feature_steps(classifier: Any) -> dict[str, list[Defense]]:
+    """The defenses a split classifier runs on its feature layers (cut -> steps); {} otherwise."""
+    if not isinstance(classifier, SplitClassifier):
+        return {}
+    return {c: g for c, g in classifier.layer_steps().items() if g}
+
+
+def bare(classifier: Any) -> Any:
+    """The classifier without its feature-layer steps (the non-adaptive baseline attacks it)."""
+    return classifier.without_steps() if isinstance(classifier, SplitClassifier) else classifier
 
 
 def attack_model(
@@ -134,13 +165,14 @@ def attack_model(
     ``eot_samples=None`` chooses: ``DEFAULT_EOT_SAMPLES`` when a defense declares randomness or,
     given a ``probe`` batch, two passes of the defenses differ; else 1."""
     defenses = list(pipeline.defenses)
+    clf = twin if twin is not None else twin_of(pipeline)
     if eot_samples is None:
-        random = any(d.random for d in defenses)
+        random = any(d.random for d in defenses) or bool(getattr(clf, "random", False))
         if not random and probe is not None and defenses:
             random = is_random(lambda x, g: _run(defenses, x, g), probe)
         eot_samples = DEFAULT_EOT_SAMPLES if random else 1
     return AttackModel(
-        twin if twin is not None else twin_of(pipeline), defenses, eot_samples=eot_samples, seed=seed,
+        clf, defenses, eot_samples=eot_samples, seed=seed,
         detector=detector, threshold=threshold, detector_weight=detector_weight,
     )
 

@@ -23,6 +23,7 @@ from advshield.attacks.boundary_projection import bp
 from advshield.attacks.carlini_wagner import cw_l2
 from advshield.attacks.decoupled_direction_norm import ddn
 from advshield.attacks.deepfool import deepfool
+from advshield.attacks.detector_attacks import detector_sweep, opgd
 from advshield.attacks.gradient import apgd, apgd_t, bim, fgsm, pgd
 from advshield.attacks.primitives import Model
 from advshield.core.errors import ConfigError
@@ -104,5 +105,17 @@ for _spec in (
     AttackSpec("deepfool", deepfool, "minimal", "l2", _p({"steps": 50, "overshoot": 0.02}), "candidates per iteration, <= steps"),
     AttackSpec("ddn", ddn, "minimal", "l2", _p({"steps": 100, "init_eps": 1.0, "gamma": 0.05, "levels": 256}), "steps"),
     AttackSpec("bp", bp, "minimal", "l2", _p({"steps": 100, "alpha": 2.0, "gamma_min": 0.7, "levels": 256}), "steps"),
+):
+    register_attack(_spec)
+
+# Detector-aware attacks (attacks/detector_attacks.py): on a model without a detector they run as
+# plain PGD (opgd: same steps; detector_sweep: one restart per lambda), so they may sit in any cascade.
+for _spec in (
+    AttackSpec("opgd_linf", opgd, "budget", "linf", _p({"steps": 100}), "2 * steps (at most)"),
+    AttackSpec("opgd_l2", opgd, "budget", "l2", _p({"norm": "l2", "steps": 100}), "2 * steps (at most)"),
+    AttackSpec("detector_sweep_linf", detector_sweep, "budget", "linf", _p({"steps": 50}),
+               "steps * len(lambdas) (at most)"),
+    AttackSpec("detector_sweep_l2", detector_sweep, "budget", "l2", _p({"norm": "l2", "steps": 50}),
+               "steps * len(lambdas) (at most)"),
 ):
     register_attack(_spec)

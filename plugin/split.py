@@ -11,6 +11,9 @@ is how two layers are stacked.
 * ``SplitClassifier``: segments with defense steps between them; satisfies the ``Classifier``
   protocol. Built on ONNX Runtime (``split_onnx_classifier``) or, for white-box attacks, on the
   differentiable twin of each segment (``split_twin``, onnx2torch), with a parity check.
+* ``twin_of_split``: the differentiable twin of an ONNX Runtime ``SplitClassifier`` (what the audit
+  attacks): each segment converted with onnx2torch and checked against its ONNX Runtime segment on
+  the tensors the serving path feeds it; the same defense objects between them (BPDA on).
 * ``check_split``: head then tail must equal the full model (max |logit difference|).
 * ``bind_feature_extractors``: gives each feature-layer defense the model's head, so that its
   ``fit`` learns on that layer's features of the clean training images (each layer's codebook is
@@ -171,8 +174,12 @@ class OnnxSegment:
             self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=providers)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load a model segment: {e}") from None
+        self.proto = proto  # kept for its differentiable twin (``twin_of_split``)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+
+    def __repr__(self) -> str:
+        return f"OnnxSegment({self.input_name} -> {self.output_name})"
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
@@ -207,10 +214,27 @@ class SplitClassifier(torch.nn.Module):
         self.validate = validate
         self.bpda = bpda
         self.device = device  # torch segments: inputs are moved there
+        self.parity: list[float] | None = None  # a twin's max |difference| per segment (``check_segments``)
 
     @property
     def random(self) -> bool:
         return any(d.random for group in self.steps for d in group)
+
+    @property
+    def differentiable(self) -> bool:
+        """Every segment is a torch module (the twin), not an ONNX Runtime session."""
+        return all(isinstance(s, torch.nn.Module) for s in self.segments)
+
+    def layer_steps(self) -> dict[str, list[Defense]]:
+        """cut -> the defenses run on it, in graph order."""
+        return {c: list(g) for c, g in zip(self.cuts, self.steps)}
+
+    def without_steps(self) -> SplitClassifier:
+        """The same segments with nothing between them: the bare model (what the non-adaptive
+        audit attacks)."""
+        return SplitClassifier(self.segments, [[] for _ in self.cuts], input_shape=self.input_shape,
+                               num_classes=self.num_classes, cuts=self.cuts, validate=self.validate,
+                               bpda=self.bpda, device=self.device)
 
     def features(self, x: torch.Tensor, upto: int = 1) -> torch.Tensor:
         """The tensor at cut ``upto - 1`` (segments before it and their steps applied)."""
@@ -277,6 +301,68 @@ def split_twin(model_path: str | Path, layer_steps: Mapping[str, Sequence[Defens
     check_split(ref, plain, tolerance, check_with)
     return SplitClassifier(modules, steps, input_shape=ref.input_shape, num_classes=ref.num_classes, cuts=cuts,
                            validate=validate, device=dev)
+
+
+def twin_of_split(split: SplitClassifier, *, device: str = "auto", tolerance: float = 1e-3,
+                  check_with: torch.Tensor | None = None, validate: bool = False, bpda: bool = True) -> SplitClassifier:
+    """The differentiable twin of an ONNX Runtime split classifier: each segment (head, tail, ...)
+    converted with onnx2torch, the *same* defense objects between them (codebooks as loaded).
+
+    Each twin segment is pinned to its ONNX Runtime segment (``check_segments``) on the tensors
+    the serving path feeds it: the parity probe batch plus ``check_with`` (real images) through the
+    ONNX Runtime segments and the steps. ``bpda`` (default on, what the audit attacks): the
+    non-differentiable steps run forward as themselves, backward through their approximation;
+    off, such a step under autograd raises ``NonDifferentiableError``."""
+    if split.differentiable:
+        return split
+    onnx_segments = [s for s in split.segments if isinstance(s, OnnxSegment)]
+    if len(onnx_segments) != len(split.segments):
+        kinds = sorted({type(s).__name__ for s in split.segments})
+        raise ModelError(f"cannot build a differentiable twin of a split model with segments {kinds}: "
+                         f"expected ONNX Runtime segments (split_onnx_classifier) or torch modules")
+    dev = pick_device(device)
+    modules = [onnx_to_torch(s.proto).to(dev) for s in onnx_segments]
+    twin = SplitClassifier(modules, split.steps, input_shape=split.input_shape, num_classes=split.num_classes,
+                           cuts=split.cuts, validate=validate, bpda=bpda, device=dev)
+    twin.parity = check_segments(split, twin, tolerance, check_with)
+    return twin
+
+
+@torch.no_grad()
+def check_segments(reference: SplitClassifier, twin: SplitClassifier, tolerance: float = 1e-3,
+                   x: torch.Tensor | None = None) -> list[float]:
+    """Segment by segment, the twin's must equal the reference's (max |difference| of its output)
+    on the inputs the reference's serving path gives it: the probe batch plus ``x``, through the
+    reference's segments and steps (random steps drawn from a fixed seed). Comparing segment by
+    segment keeps a discontinuous step (nearest codeword) from turning a float-level difference
+    upstream into a different replacement. Returns the max difference per segment; ``ParityError``
+    names the first segment above ``tolerance``."""
+    if len(reference.segments) != len(twin.segments):
+        raise ValueError(f"{len(reference.segments)} reference segments, {len(twin.segments)} twin segments")
+    h = parity_batch(reference.input_shape)
+    if x is not None:
+        h = torch.cat([h, x.detach().float().cpu()])
+    first, last = reference.segments[0], reference.segments[-1]
+    bounds = [getattr(first, "input_name", "input"), *reference.cuts, getattr(last, "output_name", "output")]
+    g = torch.Generator().manual_seed(0)
+    diffs = []
+    for i, (ref, mine) in enumerate(zip(reference.segments, twin.segments)):
+        want = ref(h).float().cpu()
+        got = mine(h.to(twin.device) if twin.device is not None else h).float().cpu()
+        if got.shape != want.shape:
+            raise ParityError(f"segment {i} ({bounds[i]} -> {bounds[i + 1]}): twin gives shape {list(got.shape)}, "
+                              f"ONNX Runtime {list(want.shape)}")
+        diffs.append(float((got - want).abs().max()))
+        if diffs[-1] > tolerance:
+            raise ParityError(
+                f"segment {i} ({bounds[i]} -> {bounds[i + 1]}): the twin disagrees with ONNX Runtime by "
+                f"max |difference| {diffs[-1]:.3g} > tolerance {tolerance:.3g} on {len(h)} inputs"
+            )
+        h = want
+        if i < len(reference.steps):
+            for d in reference.steps[i]:
+                h = d(h, g)
+    return diffs
 
 
 def check_split(full: Callable[[torch.Tensor], torch.Tensor], split: SplitClassifier, tolerance: float = 1e-4,

@@ -1,5 +1,11 @@
 """What the audit attacks and what it scores with: the attack models built for the audit's mode
-(BPDA, EOT, detector-aware) and the serving path that re-scores every example."""
+(BPDA, EOT, detector-aware) and the serving path that re-scores every example.
+
+A pipeline with feature-layer defenses is attacked through its split twin (image-layer steps in
+the ``AttackModel``, feature-layer steps between the twin's segments, BPDA through both); the
+serving path stays the ONNX Runtime split classifier. ``mode["feature_layers"]`` (present only for
+such pipelines) names the steps per layer, and ``mode["bpda"]`` lists them as ``name@layer``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,14 @@ from typing import Any, Protocol
 
 import torch
 
-from advshield.attacks.adaptive import DEFAULT_EOT_SAMPLES, AttackModel, is_random, twin_of
+from advshield.attacks.adaptive import (
+    DEFAULT_EOT_SAMPLES,
+    AttackModel,
+    bare,
+    feature_steps,
+    is_random,
+    twin_of,
+)
 from advshield.attacks.audit.spec import AuditSpec
 from advshield.attacks.primitives import Counted
 from advshield.attacks.transfer import load_surrogates, surrogate_model
@@ -48,14 +61,15 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
     the in-process serving path. ``probe``: clean images to measure randomness on."""
     defended = DefendedClassifier.from_config(cfg)
     scorer = scorer if scorer is not None else defended
-    twin = twin_of(defended)
-    declared = bool(defended.random)
+    twin = twin_of(defended, check_with=probe)
+    features = feature_steps(twin)  # feature-layer steps, inside the (split) twin
+    declared = bool(defended.random) or any(d.random for g in features.values() for d in g)
     measured = bool(defended.defenses) and is_random(lambda x, g: defended.defend(x, g), probe)
     random = declared or measured
     adaptive = spec.adaptive
     if adaptive == "off":
         eot = 1
-        model = AttackModel(twin, [], seed=spec.seed)
+        model = AttackModel(bare(twin), [], seed=spec.seed)
     else:
         eot = (spec.eot_samples or DEFAULT_EOT_SAMPLES) if (random or adaptive == "on") else 1
         model = AttackModel(twin, defended.defenses, eot_samples=eot, seed=spec.seed)
@@ -73,10 +87,12 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
     if cfg.surrogate_path is not None and any(e.transfer for e in spec.entries) and spec.transfer:
         members = load_surrogates([cfg.surrogate_path], device=cfg.model.device, tolerance=cfg.model.parity_tolerance)
         surrogate = surrogate_model(members, model.defenses, eot_samples=model.eot_samples, seed=spec.seed)
+    attacked = feature_steps(model.classifier)
     mode = {
         "adaptive": adaptive,
-        "defenses": [repr(d) for d in defended.defenses],
-        "bpda": [d.name for d in model.defenses if not d.differentiable],
+        "defenses": [repr(d) for d in defended.defenses] + [repr(d) for g in features.values() for d in g],
+        "bpda": [d.name for d in model.defenses if not d.differentiable]
+        + [f"{d.name}@{layer}" for layer, g in attacked.items() for d in g if not d.differentiable],
         "random_declared": declared,
         "random_measured": measured,
         "eot_samples": model.eot_samples,
@@ -87,4 +103,6 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
         "surrogate": cfg.surrogate_path.name if surrogate is not None else None,
         "scorer": repr(scorer) if scorer is not defended else "in process (DefendedClassifier)",
     }
+    if features:  # only for split pipelines: the other audits' settings (and resume fingerprints) stay as they were
+        mode["feature_layers"] = {layer: [d.name for d in g] for layer, g in attacked.items()}
     return Setup(scorer, model, surrogate, mode, twin, list(defended.defenses))
