@@ -207,6 +207,8 @@ def test_registry_names_every_attack_with_its_kind():
     assert kinds == {"fgsm": "budget", "fgsm_l2": "budget", "bim": "budget", "pgd_linf": "budget", "pgd_l2": "budget",
                      "apgd_ce_linf": "budget", "apgd_ce_l2": "budget", "apgd_dlr_linf": "budget",
                      "apgd_dlr_l2": "budget", "apgd_t_linf": "budget", "apgd_t_l2": "budget",
+                     "opgd_linf": "budget", "opgd_l2": "budget", "detector_sweep_linf": "budget",
+                     "detector_sweep_l2": "budget",
                      "cw_l2": "minimal", "deepfool": "minimal", "ddn": "minimal", "bp": "minimal"}
     assert get_attack("ddn").defaults["gamma"] == 0.05 and get_attack("ddn").defaults["init_eps"] == 1.0
     assert get_attack("bp").defaults["alpha"] == 2.0 and get_attack("bp").defaults["gamma_min"] == 0.7

@@ -74,6 +74,9 @@ def test_default_section_and_pipeline_sections_parse(cfg):
     spec = audit_spec(cfg)
     assert [e.id for e in spec.entries] == ["ddn", "bp", "apgd_ce_linf", "apgd_t_linf", "apgd_ce_l2", "apgd_t_l2",
                                             "fgsm", "transfer_pgd_linf"]
+    assert [e.id for e in AuditSpec().entries] == ["ddn", "bp", "apgd_ce_linf", "apgd_t_linf", "detector_sweep_linf",
+                                                   "opgd_linf", "apgd_ce_l2", "apgd_t_l2", "detector_sweep_l2",
+                                                   "opgd_l2", "fgsm", "transfer_pgd_linf"]
     assert spec.entries[-1].transfer and spec.entries[-1].kind == "budget" and spec.entries[-1].norm == "linf"
     assert spec.eps_for(spec.entries[2]) == spec.eps_linf
     # the L-inf grid lies on the 8-bit lattice: every budget is a whole number of grey levels
@@ -255,6 +258,18 @@ def test_remote_scoring_gives_the_same_records(full_run, cfg, data, tmp_path, pi
         assert {k: v for k, v in x.items() if k not in ("l2", "linf", "score")} == \
             {k: v for k, v in y.items() if k not in ("l2", "linf", "score")}
         assert x["l2"] == pytest.approx(y["l2"]) and x["linf"] == pytest.approx(y["linf"])
+
+
+def test_detector_attacks_run_only_against_a_detector(setup, data, tmp_path):
+    spec = from_mapping(AuditSpec, {"samples": N, "batch_size": N}, "audit")  # the default cascade
+    auditor = Auditor(setup, spec, *data, tmp_path, progress=False)
+    names = {u.name for u in auditor.units()}
+    assert not setup.mode["detector_aware"] and "apgd_t_linf" in names
+    assert not names & {"opgd_linf", "opgd_l2", "detector_sweep_linf", "detector_sweep_l2"}
+    auditor.setup.mode["detector_aware"] = True  # as build_setup sets it for a pipeline with a detector
+    assert {"opgd_linf", "detector_sweep_l2"} <= {u.name for u in auditor.units()}
+    auditor.setup.mode["detector_aware"] = False
+    auditor.log.close()
 
 
 def test_metrics_refuse_duplicated_records(full_run):

@@ -41,7 +41,7 @@ from advshield.attacks.audit.records import (
     derive_seed,
     eps_key,
 )
-from advshield.attacks.audit.spec import RECORD_SETTINGS, AttackEntry, AuditSpec
+from advshield.attacks.audit.spec import DETECTOR_ATTACKS, RECORD_SETTINGS, AttackEntry, AuditSpec
 from advshield.attacks.registry import get_attack, run_attack
 from advshield.attacks.threat import DIST_TOL, REASONS, ThreatModel, check_adversarial, judge
 from advshield.core.errors import InputError
@@ -170,7 +170,10 @@ class Auditor:
         def add(e: AttackEntry, eps: float | None, source: str) -> None:
             out.extend(Unit(e.id, e.name, e.hyper, e.kind, e.norm, source, eps, b) for b in range(nb))
 
-        white = [e for e in spec.entries if not e.transfer]
+        # the detector attacks of the default cascade only run where there is a detector to evade
+        # (without one they would repeat PGD); the report's mode says whether attacks were detector-aware
+        aware = bool(self.setup.mode.get("detector_aware"))
+        white = [e for e in spec.entries if not e.transfer and (aware or e.name not in DETECTOR_ATTACKS)]
         transfer = [e for e in spec.entries if e.transfer] if spec.transfer and self.surrogate is not None else []
         for group in (white, transfer):
             for e in group:

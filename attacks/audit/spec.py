@@ -27,11 +27,17 @@ DEFAULT_ATTACKS: tuple[Mapping[str, Any], ...] = tuple(MappingProxyType(a) for a
     {"name": "bp"},
     {"name": "apgd_ce_linf"},
     {"name": "apgd_t_linf"},
+    {"name": "detector_sweep_linf"},  # with a detector only: classifier + detector loss, lambda sweep
+    {"name": "opgd_linf"},  # with a detector only: orthogonal PGD (Bryniarski et al. 2022)
     {"name": "apgd_ce_l2"},
     {"name": "apgd_t_l2"},
+    {"name": "detector_sweep_l2"},
+    {"name": "opgd_l2"},
     {"name": "fgsm"},
     {"name": "pgd_linf", "transfer": True},
 ))
+# attacks that only make sense against a detector: the runner skips them when the attack model has none
+DETECTOR_ATTACKS = ("detector_sweep_linf", "detector_sweep_l2", "opgd_linf", "opgd_l2")
 # L-inf budgets on the 8-bit lattice: an example is rounded to 8 bits before it is judged, so an
 # eps between two grey levels is really the lower one; the defaults are k/255
 DEFAULT_EPS_LINF = tuple(k / 255 for k in (2, 4, 8, 13, 26, 38, 51))
