@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-import numpy as np
 import torch
 
 from advshield.attacks.audit_pipeline import AuditResult, audit_pipeline
@@ -32,7 +31,6 @@ from advshield.deploy.triton import Repository, generate_repository
 from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.config import load_pipeline as _load_pipeline
-from advshield.plugin.decode import decode_image
 from advshield.plugin.fitting import fit_pipeline, fit_spec
 from advshield.plugin.pipeline import DefendedClassifier, Prediction
 from advshield.plugin.server import ScoringServer, build_server, serve_spec
@@ -134,17 +132,13 @@ def predict(pipeline: PipelineLike | DefendedClassifier, images: Any, *, seed: i
     the image that fails)."""
     clf = pipeline if isinstance(pipeline, DefendedClassifier) else classifier(pipeline)
     if isinstance(images, list | tuple) and images and isinstance(images[0], str | Path | bytes):
-        assert clf.config is not None
-        arrays = []
+        encoded = []
         for i, item in enumerate(images):
             try:
-                data = item if isinstance(item, bytes) else Path(item).read_bytes()
-                arrays.append(decode_image(data, clf.config.input))
+                encoded.append(item if isinstance(item, bytes) else Path(item).read_bytes())
             except OSError as e:
                 raise ImageError(f"image {i} ({item}): cannot read file: {e.strerror}") from None
-            except ImageError as e:
-                raise ImageError(f"image {i} ({item if not isinstance(item, bytes) else 'bytes'}): {e}") from None
-        images = np.stack(arrays)
+        return clf.predict_bytes(encoded, seed=seed)  # decode errors name the image's index
     return clf.predict(images, seed=seed)
 
 

@@ -213,19 +213,10 @@ def audit_pipeline(
     report = build_report(pipeline=pipeline_info(cfg, checksums), spec=spec, probes=probes, metrics=metrics,
                           warnings=warnings, gate=gate.to_dict(), budget=budget, command=command,
                           seconds=time.perf_counter() - t_start)
-    written = write_report(out, report)
-    paths = {"records": out / RECORDS, "probes": out / PROBES, **_report_paths(written)}
+    files = write_report(out, report)
+    paths = {"records": out / RECORDS, "probes": out / PROBES, "report_json": files.json,
+             "report_md": files.markdown, "report_html": files.html}
     return AuditResult(out, spec, records, metrics, warnings, gate, report, probes, budget, paths)
-
-
-def _report_paths(written: Any) -> dict[str, Path]:
-    if isinstance(written, dict):
-        return {f"report_{k}": Path(v) for k, v in written.items()}
-    json_path, md_path, *more = written
-    paths = {"report_json": Path(json_path), "report_md": Path(md_path)}
-    if more:
-        paths["report_html"] = Path(more[0])
-    return paths
 
 
 def _certificate_check(cfg: PipelineConfig, setup: Setup, spec: AuditSpec, out: Path, images: np.ndarray,

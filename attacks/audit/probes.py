@@ -35,7 +35,7 @@ from advshield.attacks.audit.runner import Auditor
 from advshield.attacks.audit.spec import AttackEntry, AuditSpec
 from advshield.attacks.primitives import l2, margin, value_and_grad
 from advshield.attacks.registry import run_attack
-from advshield.attacks.threat import ThreatModel, check_adversarial, judge
+from advshield.attacks.threat import ThreatModel, check_adversarial
 from advshield.plugin.split import SplitClassifier
 
 PROBES = "probes.json"
@@ -139,13 +139,8 @@ def _judge(auditor: Auditor, pos: np.ndarray, x: torch.Tensor, y: torch.Tensor, 
     """Per sample, success as the runner judges a budget example (``Auditor._attack``): clipped,
     budget-checked and rounded, re-scored through the serving path (majority of the draws of a
     random pipeline), moved, misclassified and, with ``flagged_is_failure``, not flagged."""
-    spec = auditor.spec
-    checked = check_adversarial(x, adv, ThreatModel(norm, eps, spec.levels))  # type: ignore[arg-type]
-    s = auditor._score(pos, checked.adversarial, seed)
-    moved = (checked.linf > 0).cpu().numpy()
-    flags = s.flagged if spec.flagged_is_failure else None
-    wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
-                     for d in range(s.k)]) & moved
+    checked = check_adversarial(x, adv, ThreatModel(norm, eps, auditor.spec.levels))  # type: ignore[arg-type]
+    s, wins = auditor.judge_examples(pos, checked, y, seed)
     return s.majority(wins)
 
 

@@ -43,7 +43,7 @@ from advshield.attacks.audit.records import (
 )
 from advshield.attacks.audit.spec import DETECTOR_ATTACKS, RECORD_SETTINGS, AttackEntry, AuditSpec
 from advshield.attacks.registry import get_attack, run_attack
-from advshield.attacks.threat import DIST_TOL, REASONS, ThreatModel, check_adversarial, judge
+from advshield.attacks.threat import DIST_TOL, REASONS, Checked, ThreatModel, check_adversarial, judge
 from advshield.core.errors import InputError
 from advshield.core.progress import progress as progress_bar
 from advshield.core.validation import to_mapping
@@ -228,6 +228,17 @@ class Auditor:
         if self.on_commit is not None:
             self.on_commit(key)
 
+    def judge_examples(self, pos: np.ndarray, checked: Checked, y: torch.Tensor, seed: int) -> tuple[Scored, np.ndarray]:
+        """The serving path's verdict on checked examples of the samples at ``pos``: the scored
+        draws and, per draw and sample, whether the example is a success there (valid, moved off
+        the clean image, misclassified and, with ``flagged_is_failure``, not flagged)."""
+        s = self._score(pos, checked.adversarial, seed)
+        moved = (checked.linf > 0).cpu().numpy()  # distortion 0 is the clean image: never a success
+        flags = s.flagged if self.spec.flagged_is_failure else None
+        wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
+                         for d in range(s.k)]) & moved
+        return s, wins
+
     def _score(self, pos: np.ndarray, x: torch.Tensor, seed: int) -> Scored:
         """The serving path's verdict on images ``x`` of the samples at ``pos``: one call seeded
         ``seed`` (deterministic), or ``draws`` calls per clean batch, each image in its sample's
@@ -294,11 +305,7 @@ class Auditor:
         seconds = (time.perf_counter() - t0) / len(pos)
         grads = model.gradients / len(pos)
         checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, self.spec.levels))
-        s = self._score(pos, checked.adversarial, derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch))
-        moved = (checked.linf > 0).cpu().numpy()  # distortion 0 is the clean image: never a success
-        flags = s.flagged if self.spec.flagged_is_failure else None
-        wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
-                         for d in range(s.k)]) & moved
+        s, wins = self.judge_examples(pos, checked, y, derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch))
         success, share = s.majority(wins), (s.k - wins.sum(0)) / s.k
         unrounded = self._unrounded(u, pos, x, y, adv) if self.spec.protocol == "independent" else None
         rows = []
@@ -323,11 +330,7 @@ class Auditor:
         """The thesis protocol's second judgement: the same example checked without 8-bit rounding
         and re-scored (``float_success``, ``float_l2``, ``float_linf``)."""
         checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, 0))
-        s = self._score(pos, checked.adversarial, derive_seed(self.spec.seed, "score float", u.attack, u.eps, u.batch))
-        moved = (checked.linf > 0).cpu().numpy()
-        flags = s.flagged if self.spec.flagged_is_failure else None
-        wins = np.stack([judge(checked, s.labels[d], y, flagged=None if flags is None else flags[d])
-                         for d in range(s.k)]) & moved
+        s, wins = self.judge_examples(pos, checked, y, derive_seed(self.spec.seed, "score float", u.attack, u.eps, u.batch))
         success = s.majority(wins)
         return {"float_success": [bool(v) for v in success], "float_l2": [float(v) for v in checked.l2],
                 "float_linf": [float(v) for v in checked.linf]}
