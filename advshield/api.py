@@ -27,6 +27,7 @@ import torch
 from advshield.attacks.audit_pipeline import AuditResult, audit_pipeline
 from advshield.attacks.certify import CertifyResult, certify_pipeline, certify_spec
 from advshield.core.errors import ImageError
+from advshield.core.resources import copy_examples as _copy_examples
 from advshield.deploy.triton import Repository, generate_repository
 from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
 from advshield.plugin.config import PipelineConfig
@@ -172,6 +173,13 @@ def train(out: str | Path, *, data_dir: str | Path | None = None, epochs: int = 
                         surrogate=surrogate, threads=threads, progress=progress)
 
 
+def copy_examples(dest: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Copy the shipped example pipelines (``dest/pipelines``) and the models they use
+    (``dest/models``) into a working folder, where ``fit`` may write their artifacts; returns the
+    copied pipeline files. advshield never writes inside its installed package."""
+    return _copy_examples(dest, overwrite=overwrite)
+
+
 __all__ = [
     "AuditResult",
     "CertifyResult",
@@ -180,6 +188,7 @@ __all__ = [
     "audit",
     "certify",
     "classifier",
+    "copy_examples",
     "deploy_triton",
     "fit",
     "info",

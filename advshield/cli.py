@@ -14,6 +14,7 @@ from advshield.core.version import __version__
 
 COMMAND_MODULES = (
     "advshield.commands.core",  # train, info, predict, demo
+    "advshield.commands.init",  # examples, init
     "advshield.commands.fit",  # fit
     "advshield.commands.serve",  # serve, score
     "advshield.commands.certify",  # certify

@@ -33,6 +33,7 @@ from advshield.core.data import Dataset, load_dataset
 from advshield.core.errors import ArtifactError, ConfigError, ModelError
 from advshield.core.hashing import sha256_file
 from advshield.core.progress import progress as progress_bar
+from advshield.core.resources import inside_package
 from advshield.core.validation import check, from_mapping
 from advshield.defenses.base import verify_artifact
 from advshield.defenses.registry import build_defense, build_detector
@@ -79,6 +80,16 @@ def _apply(steps, images, spec: FitSpec, progress: bool, desc: str):
     return out
 
 
+def refuse_package_artifacts(cfg: Any, names: list[str]) -> None:
+    """advshield never writes inside its installed package: a shipped example pipeline is fitted
+    after `advshield examples DIR` copied it into a working folder."""
+    inside = [str(cfg.artifact_path(n)) for n in names if inside_package(cfg.artifact_path(n))]
+    if inside:
+        raise ConfigError(
+            f"fit would write artifacts inside the installed advshield package ({inside[0]}); copy the "
+            "example pipelines into a working folder first (`advshield examples DIR`) and fit the copy")
+
+
 def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: Any = None) -> dict[str, Any]:
     """Fit every defense with ``needs_fit`` and calibrate the detector; returns a summary."""
     t_start = time.perf_counter()
@@ -95,6 +106,7 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
     if not learners and detector is None:
         summary["note"] = "nothing to fit: no defense needs fitting and there is no detector"
         return summary
+    refuse_package_artifacts(cfg, [n for d in [*learners, *([detector] if detector else [])] for n in d.artifact_names])
 
     directory = cfg.resolve(cfg.data.directory) if cfg.data.directory else None
     train = load_dataset(cfg.data.dataset, "train", directory)
