@@ -19,7 +19,7 @@ from advshield.attacks.report.render import eps_label
 from advshield.core.data import load_fashion_mnist
 from advshield.core.errors import AdvshieldError
 from advshield.core.resources import DEFAULT_PIPELINE, example_pipeline
-from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
+from advshield.plugin.classifiers import OnnxClassifier, classifier_from_config, twin_from_config
 from advshield.plugin.config import load_pipeline
 from advshield.plugin.pipeline import DefendedClassifier
 
@@ -102,9 +102,8 @@ def run_demo(workdir: str | Path = "runs/demo", *, data_dir: str | Path | None =
     print(f"      accuracy {s['accuracy']:.4f}  ({s['images_per_second']:.0f} images/s, {clf.classifier!r})")
     worst = sorted(s["per_class"].items(), key=lambda kv: kv[1])[:3]
     print("      hardest classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst))
-    onnx_clf = clf.classifier if isinstance(clf.classifier, OnnxClassifier) else OnnxClassifier(cfg.model_path)
-    twin = TwinClassifier(cfg.model_path, reference=onnx_clf, tolerance=cfg.model.parity_tolerance,
-                          check_with=torch.from_numpy(test.as_float(0, 256)))
+    onnx_clf = clf.classifier if isinstance(clf.classifier, OnnxClassifier) else classifier_from_config(cfg)
+    twin = twin_from_config(cfg, reference=onnx_clf, check_with=torch.from_numpy(test.as_float(0, 256)))
     summary["twin_parity_max_abs_diff"] = twin.parity.max_abs_diff
     print(f"      differentiable twin vs ONNX Runtime: max |logit difference| {twin.parity.max_abs_diff:.3g} "
           f"on {twin.parity.samples} inputs (tolerance {cfg.model.parity_tolerance:g})")

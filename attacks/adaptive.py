@@ -134,7 +134,7 @@ def twin_of(pipeline: Any, **kwargs: Any) -> torch.nn.Module:
         return clf
     if not isinstance(clf, OnnxClassifier):
         raise InputError(f"cannot build a differentiable twin of {clf!r}: pass twin=... explicitly")
-    return TwinClassifier(clf.path, reference=clf, **opts)
+    return TwinClassifier(clf.model, reference=clf, **opts)
 
 
 def feature_steps(classifier: Any) -> dict[str, list[Defense]]:

@@ -219,9 +219,23 @@ class OnnxStep:
         self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        first = self.session.get_inputs()[0].shape[0]
+        self.batch = first if isinstance(first, int) and first > 0 else None  # a fixed-batch export
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+        """One call; a fixed-batch model in chunks of its batch (the last one zero-padded)."""
+        x = np.ascontiguousarray(x, np.float32)
+        b = self.batch
+        if b is None or len(x) == b:
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        outs = []
+        for i in range(0, len(x), b):
+            chunk = x[i : i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.float32)])
+            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
+        return np.concatenate(outs)
 
 
 class Postprocess:

@@ -1,8 +1,13 @@
 """Classifiers behind one protocol: a float32 NCHW batch in [0, 1] -> logits [N, K].
 
+Both run the model as ``plugin/model_io.py`` wraps it (normalization, NHWC layout and output kind
+inside the graph), in chunks of its batch when the model has a fixed one.
+
 * ``OnnxClassifier``: ONNX Runtime, CUDA provider when present, explicit thread settings.
-* ``TwinClassifier``: the same ONNX file converted to torch (onnx2torch), differentiable, pinned to
-  the ONNX file by a parity check (max |logit difference|) that fails loudly.
+* ``TwinClassifier``: the same wrapped graph converted to torch (onnx2torch), differentiable, pinned
+  to it by a parity check (max |logit difference|) that fails loudly.
+* ``classifier_from_config`` / ``twin_from_config``: both for a pipeline's model.
+* ``default_threads``: the CPUs the process really has (affinity, cgroup quota).
 
 Both take and return torch tensors (the twin keeps the autograd graph; ONNX Runtime does not).
 """
@@ -11,17 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from advshield.core.errors import InputError, ModelError, ParityError
+from advshield.core.errors import ConfigError, InputError, ModelError, ParityError
+from advshield.plugin.model_io import load_model
+
+if TYPE_CHECKING:
+    from advshield.plugin.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +65,114 @@ def validate_batch(x: torch.Tensor | np.ndarray, input_shape: tuple[int, ...], w
         raise InputError(f"{what}: pixels must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
 
 
-def default_threads() -> int:
-    env = os.environ.get("ADVSHIELD_THREADS")
+def _cgroup_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """The CPU quota (in CPUs) of this process's cgroup and its ancestors, or None without one:
+    cgroup v2 ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD"), cgroup v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` (quota -1 = none). The smallest quota found on the way to the root counts."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2, v1 = "/", "/"
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2] or "/"
+        elif "cpu" in parts[1].split(","):
+            v1 = parts[2] or "/"
+
+    def chain(base: Path, rel: str) -> list[Path]:
+        rel_parts = [x for x in rel.split("/") if x]
+        return [base.joinpath(*rel_parts[:i]) for i in range(len(rel_parts), -1, -1)]
+
+    quotas = []
+    for d in chain(root, v2):
+        try:
+            text = (d / "cpu.max").read_text().split()
+        except OSError:
+            continue
+        if len(text) >= 2 and text[0] != "max" and float(text[1]) > 0:
+            quotas.append(float(text[0]) / float(text[1]))
+    for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        for d in chain(root / name, v1):
+            try:
+                quota = float((d / "cpu.cfs_quota_us").read_text())
+                period = float((d / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            if quota > 0 and period > 0:
+                quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+def default_threads(*, cgroup_root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> int:
+    """Threads for torch and ONNX Runtime: the CPUs this process may really use, the smaller of its
+    CPU affinity (``os.sched_getaffinity``) and its cgroup CPU quota (v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``, rounded down), at least 1. ``ADVSHIELD_THREADS``
+    overrides. Oversubscribing a busy or quota-limited CPU slows torch 5-9x (ENVIRONMENT.md)."""
+    env = os.environ.get("ADVSHIELD_THREADS", "").strip()
     if env:
-        return max(1, int(env))
-    return max(1, min(4, os.cpu_count() or 1))
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"ADVSHIELD_THREADS: expected a positive integer, got {env!r}")
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root), Path(proc_cgroup))
+    if quota is not None:
+        cpus = min(cpus, math.floor(quota))
+    return max(1, cpus)
 
 
-def _onnx_input_shape(inp) -> tuple[int, int, int]:
-    dims = inp.shape
-    if len(dims) != 4:
-        raise ModelError(f"model input {inp.name!r} must be 4-D NCHW, has shape {dims}")
-    chw = dims[1:]
-    if not all(isinstance(d, int) for d in chw):
-        raise ModelError(f"model input {inp.name!r} must have fixed C, H, W, has {dims}")
-    return (int(chw[0]), int(chw[1]), int(chw[2]))
+def set_torch_threads(threads: int = 0) -> int:
+    """torch's intra-op threads: ``threads`` when > 0, else at most ``default_threads()`` (torch's
+    own default counts every core and ignores the cgroup quota). Returns the count now in use."""
+    n = threads if threads > 0 else min(torch.get_num_threads(), default_threads())
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _run_in_chunks(run, x, batch: int | None, cat, pad):
+    """``run`` on ``x`` in chunks of a fixed ``batch`` (the last one padded), or whole."""
+    if batch is None or len(x) == batch:
+        return run(x)
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        n = len(chunk)
+        outs.append(run(pad(chunk, batch - n) if n < batch else chunk)[:n])
+    return cat(outs)
+
+
+def _pad_np(chunk: np.ndarray, k: int) -> np.ndarray:
+    return np.concatenate([chunk, np.zeros((k, *chunk.shape[1:]), chunk.dtype)])
+
+
+def _pad_torch(chunk: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cat([chunk, chunk.new_zeros((k, *chunk.shape[1:]))])
+
+
+ModelSource = str | Path | bytes | Any  # a file, its bytes, an onnx.ModelProto or a WrappedModel
 
 
 class OnnxClassifier:
-    """ONNX Runtime inference. ``device``: 'auto' (CUDA when its provider is present), 'cpu', 'cuda'."""
+    """ONNX Runtime inference of the wrapped model (``plugin/model_io.py``): float32 NCHW pixels in
+    [0, 1] -> logits. ``model``: an ONNX file, its bytes, an ``onnx.ModelProto`` or a
+    ``WrappedModel``; ``spec``: the ``ModelSpec`` saying how the model was exported (normalization,
+    layout, output kind; None: none, detected). A fixed-batch model runs in chunks of its batch.
+    ``device``: 'auto' (CUDA when its provider is present), 'cpu', 'cuda'."""
 
-    def __init__(self, path: str | Path, *, device: str = "auto", threads: int = 0, validate: bool = True) -> None:
+    def __init__(self, model: ModelSource, *, spec: ModelSpec | None = None,
+                 input_shape: tuple[int, int, int] | None = None, device: str = "auto", threads: int = 0,
+                 validate: bool = True) -> None:
         import onnxruntime as ort
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelError(f"ONNX model not found: {self.path}")
+        self.model = load_model(model, spec, input_shape=input_shape)
+        self.path = self.model.path
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise ModelError(f"device 'cuda' asked for, but ONNX Runtime offers only {available} (install onnxruntime-gpu)")
@@ -91,26 +183,31 @@ class OnnxClassifier:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        source = str(self.model.path) if self.model.external_data else self.model.data
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ModelError(f"ONNX Runtime cannot load {self.path}: {e}") from None
+            raise ModelError(f"ONNX Runtime cannot load {self.model.name}: {e}") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1:
-            raise ModelError(f"{self.path}: expected one input, model has {[i.name for i in inputs]}")
         if inputs[0].type != "tensor(float)":
-            raise ModelError(f"{self.path}: input {inputs[0].name!r} must be float32, is {inputs[0].type}")
+            raise ModelError(f"{self.model.name}: input {inputs[0].name!r} must be float32, is {inputs[0].type}")
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        self.input_shape = _onnx_input_shape(inputs[0])
-        k = outputs[0].shape[-1] if outputs[0].shape else None
-        self.num_classes = int(k) if isinstance(k, int) else int(self.run(np.zeros((1, *self.input_shape), np.float32)).shape[1])
+        self.input_shape = self.model.input_shape
+        self.num_classes = self.model.num_classes
+        self.batch = self.model.batch
         self.providers = self.session.get_providers()
         self.validate = validate
 
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        """numpy in, numpy out (no validation)."""
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+        """numpy in, numpy out (no validation); a fixed-batch model runs in chunks of its batch."""
+        x = np.ascontiguousarray(x, np.float32)
+        if len(x) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        return _run_in_chunks(self._run, x, self.batch, np.concatenate, _pad_np)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.validate:
@@ -119,7 +216,22 @@ class OnnxClassifier:
         return torch.from_numpy(out).to(x.device)
 
     def __repr__(self) -> str:
-        return f"OnnxClassifier({self.path.name}, providers={self.providers})"
+        return f"OnnxClassifier({self.model.name}, providers={self.providers})"
+
+
+def classifier_from_config(cfg, *, device: str | None = None, threads: int | None = None,
+                           validate: bool = True) -> OnnxClassifier:
+    """The ONNX Runtime classifier of a ``PipelineConfig``'s model, wrapped as its [model] says."""
+    return OnnxClassifier(cfg.wrapped_model(), device=cfg.model.device if device is None else device,
+                          threads=cfg.model.threads if threads is None else threads, validate=validate)
+
+
+def twin_from_config(cfg, *, device: str | None = None, reference: OnnxClassifier | None = None,
+                     check_with: torch.Tensor | None = None, validate: bool = True) -> TwinClassifier:
+    """The differentiable twin of a ``PipelineConfig``'s (wrapped) model, parity-checked."""
+    return TwinClassifier(cfg.wrapped_model(), device=cfg.model.device if device is None else device,
+                          tolerance=cfg.model.parity_tolerance, reference=reference, check_with=check_with,
+                          validate=validate)
 
 
 # --- the differentiable twin -------------------------------------------------------------------
@@ -260,16 +372,22 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 class TwinClassifier(torch.nn.Module):
-    """The ONNX file as a differentiable torch module, checked against ONNX Runtime on load.
+    """The wrapped model as a differentiable torch module (onnx2torch), checked against ONNX Runtime
+    on the same wrapped graph when built.
 
-    ``check_with``: an extra batch (e.g. real images) for the parity check besides the probe batch.
-    Raises ``ParityError`` when the max |logit difference| exceeds ``tolerance``.
+    ``model``: as for ``OnnxClassifier`` (with ``spec``); None, or the reference's own file: the
+    reference's wrapped model. ``check_with``: an extra batch (e.g. real images) for the parity
+    check besides the probe batch. Raises ``ParityError`` when the max |logit difference| exceeds
+    ``tolerance``. A fixed-batch model runs in chunks of its batch (the converted module may have
+    the batch written into its Reshapes).
     """
 
     def __init__(
         self,
-        path: str | Path,
+        model: ModelSource | None = None,
         *,
+        spec: ModelSpec | None = None,
+        input_shape: tuple[int, int, int] | None = None,
         device: str = "auto",
         tolerance: float = 1e-3,
         reference: OnnxClassifier | None = None,
@@ -277,26 +395,36 @@ class TwinClassifier(torch.nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        self.path = Path(path)
-        reference = reference or OnnxClassifier(self.path, device="cpu")
-        self.input_shape = reference.input_shape
-        self.num_classes = reference.num_classes
-        self.net = onnx_to_torch(self.path)
+        if reference is not None and (model is None or (spec is None and isinstance(model, str | Path)
+                                                         and reference.path is not None
+                                                         and Path(model).resolve() == reference.path.resolve())):
+            self.model = reference.model
+        elif model is None:
+            raise ModelError("TwinClassifier: give the model (or a reference classifier)")
+        else:
+            self.model = load_model(model, spec, input_shape=input_shape)
+        self.path = self.model.path
+        reference = reference or OnnxClassifier(self.model, device="cpu")
+        self.input_shape = self.model.input_shape
+        self.num_classes = self.model.num_classes
+        self.batch = self.model.batch
+        self.net = onnx_to_torch(self.model.proto())
         self.device = pick_device(device)
         self.net.to(self.device)
         self.validate = validate
+        set_torch_threads()  # at most the CPUs this process has
         probe = parity_batch(self.input_shape)
         if check_with is not None:
             probe = torch.cat([probe, check_with.detach().float().cpu()])
         self.parity = parity(reference, self, probe.to(self.device), tolerance)
         if not self.parity.ok:
             raise ParityError(
-                f"twin of {self.path.name} disagrees with ONNX Runtime: max |logit difference| "
+                f"twin of {self.model.name} disagrees with ONNX Runtime: max |logit difference| "
                 f"{self.parity.max_abs_diff:.3g} > tolerance {tolerance:.3g} on {self.parity.samples} inputs"
             )
-        log.info("twin %s: parity max |dlogit| = %.3g", self.path.name, self.parity.max_abs_diff)
+        log.info("twin %s: parity max |dlogit| = %.3g", self.model.name, self.parity.max_abs_diff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.validate:
             validate_batch(x, self.input_shape)
-        return self.net(x.to(self.device))
+        return _run_in_chunks(self.net, x.to(self.device), self.batch, torch.cat, _pad_torch)

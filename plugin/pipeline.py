@@ -16,9 +16,10 @@ import torch
 from advshield.core.validation import from_mapping
 from advshield.defenses.base import Defense, verify_artifact
 from advshield.defenses.registry import build_defense, build_detector
-from advshield.plugin.classifiers import Classifier, OnnxClassifier, validate_batch
+from advshield.plugin.classifiers import Classifier, classifier_from_config
 from advshield.plugin.config import PipelineConfig, load_pipeline
 from advshield.plugin.decode import decode_image
+from advshield.plugin.pixels import to_pixels
 from advshield.plugin.smoothing import SmoothedClassifier, SmoothingConfig
 from advshield.plugin.split import attach_feature_defenses
 
@@ -101,11 +102,10 @@ class DefendedClassifier:
         if not isinstance(cfg, PipelineConfig):
             cfg = load_pipeline(cfg)
         cfg.checksums(verify=True)
-        clf = classifier or OnnxClassifier(cfg.model_path, device=cfg.model.device, threads=cfg.model.threads)
+        clf = classifier or classifier_from_config(cfg)
         # defenses on a feature layer (config `layer` = a tensor name) run inside the split model
-
         clf, image_steps = attach_feature_defenses(cfg, clf, load_defenses(cfg))
-        return cls(clf, image_steps, cfg.data.class_names, cfg, detector=load_detector(cfg))
+        return cls(clf, image_steps, cfg.class_names, cfg, detector=load_detector(cfg))
 
     @property
     def random(self) -> bool:
@@ -137,9 +137,10 @@ class DefendedClassifier:
         return [d.name for d in self.defenses if d.random]
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor | np.ndarray, seed: int | None = None) -> Prediction:
-        x = torch.as_tensor(x)
-        validate_batch(x, self.input_shape)
+    def predict(self, images: torch.Tensor | np.ndarray, seed: int | None = None) -> Prediction:
+        """Classify a batch: numpy or torch, float32 in [0, 1] or uint8, NCHW or NHWC, or one image
+        (conversion rules: ``advshield.plugin.pixels.to_pixels``)."""
+        x = to_pixels(images, self.input_shape)
         if self.smoothing is not None:
             return self.predict_smoothed(x, seed)
         g = None

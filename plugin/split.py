@@ -45,6 +45,7 @@ from advshield.plugin.classifiers import (
     pick_device,
     validate_batch,
 )
+from advshield.plugin.model_io import WrappedModel
 
 IMAGE_LAYER = "image"
 
@@ -59,6 +60,8 @@ def _load(model: Any):
 
     if isinstance(model, onnx.ModelProto):
         return model
+    if isinstance(model, WrappedModel):  # the model as a pipeline wraps it (pixels in [0, 1], NCHW)
+        return model.proto()
     path = Path(model)
     if not path.is_file():
         raise ModelError(f"ONNX model not found: {path}")
@@ -275,7 +278,7 @@ def _group(layer_steps: Mapping[str, Sequence[Defense]] | Sequence[str],
     return cuts, [items[c] for c in cuts], segments
 
 
-def split_onnx_classifier(model_path: str | Path, layer_steps: Mapping[str, Sequence[Defense]] | Sequence[str], *,
+def split_onnx_classifier(model_path: str | Path | WrappedModel, layer_steps: Mapping[str, Sequence[Defense]] | Sequence[str], *,
                           device: str = "auto", threads: int = 0, validate: bool = True) -> SplitClassifier:
     """The ONNX model cut at the layers named in ``layer_steps`` (layer -> defenses), on ONNX Runtime."""
     model = _load(model_path)
@@ -286,7 +289,7 @@ def split_onnx_classifier(model_path: str | Path, layer_steps: Mapping[str, Sequ
                            validate=validate)
 
 
-def split_twin(model_path: str | Path, layer_steps: Mapping[str, Sequence[Defense]] | Sequence[str], *,
+def split_twin(model_path: str | Path | WrappedModel, layer_steps: Mapping[str, Sequence[Defense]] | Sequence[str], *,
                device: str = "auto", tolerance: float = 1e-3, check_with: torch.Tensor | None = None,
                validate: bool = True) -> SplitClassifier:
     """The differentiable twin, cut the same way: each segment converted with onnx2torch. Without
@@ -383,7 +386,7 @@ def check_split(full: Callable[[torch.Tensor], torch.Tensor], split: SplitClassi
 
 # --- pipeline glue -----------------------------------------------------------------------------------
 
-def feature_extractor(model_path: str | Path, layer: str, *, device: str = "auto", threads: int = 0,
+def feature_extractor(model_path: str | Path | WrappedModel, layer: str, *, device: str = "auto", threads: int = 0,
                       batch: int = 1024) -> Callable[[torch.Tensor], torch.Tensor]:
     """Pixels -> the features at ``layer`` (the model's head on ONNX Runtime), ``batch`` images a call."""
     head = OnnxSegment(split_model(model_path, [layer])[0], device=device, threads=threads)
@@ -399,7 +402,7 @@ def feature_extractor(model_path: str | Path, layer: str, *, device: str = "auto
 def bind_feature_extractors(cfg, defenses: Sequence[Defense]) -> int:
     """Before ``fit``: give every feature-layer defense (with ``bind_features``) the model's head at
     its layer. ``cfg`` is a PipelineConfig (or a model path). Returns how many were bound."""
-    model_path = getattr(cfg, "model_path", cfg)
+    model_path = cfg.wrapped_model() if hasattr(cfg, "wrapped_model") else cfg
     device = getattr(getattr(cfg, "model", None), "device", "auto")
     threads = getattr(getattr(cfg, "model", None), "threads", 0)
     n = 0
@@ -426,10 +429,10 @@ def attach_feature_defenses(cfg, classifier, defenses: Sequence[Defense]) -> tup
     threads = getattr(getattr(cfg, "model", None), "threads", 0)
     tolerance = getattr(getattr(cfg, "model", None), "parity_tolerance", 1e-3)
     if isinstance(classifier, TwinClassifier):
-        split = split_twin(classifier.path, layer_steps, device=classifier.device.type, tolerance=tolerance)
+        split = split_twin(classifier.model, layer_steps, device=classifier.device.type, tolerance=tolerance)
     elif isinstance(classifier, OnnxClassifier):
         device = "cuda" if "CUDAExecutionProvider" in classifier.providers else "cpu"
-        split = split_onnx_classifier(classifier.path, layer_steps, device=device, threads=threads,
+        split = split_onnx_classifier(classifier.model, layer_steps, device=device, threads=threads,
                                       validate=classifier.validate)
     else:
         raise ConfigError(

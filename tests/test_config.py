@@ -30,7 +30,7 @@ def test_round_trip(pipeline_path):
         (BASE + "\n[input]\nchanels = 1\n", r"input: unknown key 'chanels'; allowed: .*channels"),
         (BASE + "\n[input]\nchannels = 2\n", r"input.channels: must be 1 or 3, got 2"),
         (BASE + "\n[input]\nheight = 'big'\n", r"input.height: expected an integer, got 'big'"),
-        (BASE + "\n[input]\nresize = 'stretch'\n", r"input.resize: expected 'exact' or 'resize', got 'stretch'"),
+        (BASE + "\n[input]\nresize = 'stretch'\n", r"input.resize: expected 'exact' or 'resize' or 'crop', got 'stretch'"),
         (BASE + "\n[gate]\nmin_clean_accuracy = 1.5\n", r"gate.min_clean_accuracy: must be within \[0, 1\], got 1.5"),
         (BASE + "\n[modle]\nx = 1\n", r"unknown section 'modle'"),
         ("[input]\nchannels = 1\n", r"missing required section \[model\]"),

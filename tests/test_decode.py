@@ -1,4 +1,5 @@
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_wrong_size_exact_vs_resize():
     data = _png(size=(32, 30))
     with pytest.raises(ImageError, match=r"wrong size: expected 28x28 \(WxH\), got 32x30"):
         decode_image(data, SPEC)
-    y = decode_image(data, InputSpec(resize="resize"))
+    y = decode_image(data, replace(SPEC, resize="resize"))
     assert y.shape == (1, 28, 28)
 
 
@@ -68,8 +69,8 @@ def test_modes():
     rgb = _png("RGB")
     assert decode_image(rgb, SPEC).shape == (1, 28, 28)  # converted to grey by default
     with pytest.raises(ImageError, match=r"wrong mode: model takes 1-channel grey images, got 'RGB'"):
-        decode_image(rgb, InputSpec(color="strict"))
-    assert decode_image(rgb, InputSpec(channels=3)).shape == (3, 28, 28)
+        decode_image(rgb, replace(SPEC, color="strict"))
+    assert decode_image(rgb, replace(SPEC, channels=3)).shape == (3, 28, 28)
     buf = io.BytesIO()
     Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(buf, format="PNG")
     with pytest.raises(ImageError, match="unsupported pixel mode"):
@@ -78,12 +79,12 @@ def test_modes():
 
 def test_limits_before_decoding():
     with pytest.raises(ImageError, match="encoded image too large"):
-        decode_image(_png(), InputSpec(max_bytes=100))
+        decode_image(_png(), replace(SPEC, max_bytes=100))
     # a 6000x6000 black PNG is tiny encoded but 36 M pixels: refused from the header alone
     bomb = _png("L", size=(6000, 6000)) if False else _blank_png(6000, 6000)
     assert len(bomb) < 200_000
     with pytest.raises(ImageError, match="image too large: 6000x6000"):
-        decode_image(bomb, InputSpec(max_pixels=4096 * 4096))
+        decode_image(bomb, replace(SPEC, max_pixels=4096 * 4096))
 
 
 def _blank_png(w, h) -> bytes:
