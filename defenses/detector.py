@@ -130,13 +130,25 @@ class SqueezeDetector:
         calibration record (threshold, achieved rate, score quantiles)."""
         s = np.asarray(torch.as_tensor(scores).detach().cpu().numpy(), np.float64).ravel()
         self.threshold = calibrate_threshold(s, self.config.fpr)
-        return {
+        achieved = float((s > self.threshold).mean())
+        record: dict[str, Any] = {
             "threshold": self.threshold,
             "fpr_target": self.config.fpr,
-            "fpr_calibration": float((s > self.threshold).mean()),
+            "fpr_calibration": achieved,
             "samples": len(s),
             "score_quantiles": {str(q): float(np.quantile(s, q / 100)) for q in (50, 90, 95, 99)},
         }
+        tied = float((s >= self.threshold).mean())
+        if achieved < 0.5 * self.config.fpr and tied > self.config.fpr:
+            # ties at the threshold (typically score 2: a squeezer flips the clean prediction outright,
+            # as 1-bit depth does on colour images) leave the detector far below its target rate
+            record["warning"] = (
+                f"{tied:.1%} of the clean calibration images score {self.threshold:.3g} or more (the squeezers "
+                f"change their prediction outright), so the detector flags only {achieved:.1%} of them, not the "
+                f"{self.config.fpr:.0%} asked for: choose milder squeezers (Xu et al. use 5-bit depth and a 2x2 "
+                f"median on colour images)"
+            )
+        return record
 
     def save(self, path: str | Path, record: Mapping[str, Any], **meta: Any) -> dict[str, Any]:
         """Write the threshold JSON (deterministic content: same calibration, same sha256) and its sidecar."""

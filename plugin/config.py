@@ -56,7 +56,9 @@ class InputSpec:
     channels: int = 1
     height: int = 28
     width: int = 28
-    resize: Literal["exact", "resize"] = "exact"  # exact: wrong size is an error; resize: bilinear
+    resize: Literal["exact", "resize", "crop"] = "exact"  # exact: wrong size is an error; resize: bilinear
+    # to HxW; crop: shorter side to round(max(H, W) / crop_fraction), then the centre HxW (bilinear)
+    crop_fraction: float = 0.875  # the share of the resized image the centre crop keeps (ImageNet: 0.875)
     color: Literal["convert", "strict"] = "convert"  # strict: grey model rejects colour images
     max_bytes: int = 4 << 20  # encoded size limit
     max_pixels: int = 4096 * 4096  # decoded size limit (decompression bombs)
@@ -65,6 +67,7 @@ class InputSpec:
         check(self.channels in (1, 3), f"input.channels: must be 1 or 3, got {self.channels}")
         check(self.height >= 1 and self.width >= 1, f"input: height and width must be >= 1, got {self.height}x{self.width}")
         check(self.max_bytes >= 64, f"input.max_bytes: must be >= 64, got {self.max_bytes}")
+        check(0.0 < self.crop_fraction <= 1.0, f"input.crop_fraction: must be within (0, 1], got {self.crop_fraction}")
         check(self.max_pixels >= self.height * self.width, f"input.max_pixels: must be >= height*width = {self.height * self.width}, got {self.max_pixels}")
 
     @property
@@ -72,15 +75,111 @@ class InputSpec:
         return (self.channels, self.height, self.width)
 
 
+DATA_SETS = ("folder", "manifest", "fashion-mnist", "mnist-5k", "idx")
+SPLIT_FOLDERS = ("train", "test", "val")  # a folder data set holding train/ and test/ (or val/) is split already
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: Literal["fashion-mnist", "mnist-5k", "idx"] = "fashion-mnist"
-    directory: str = ""  # default: the Debian package's folder
-    classes: tuple[str, ...] = ()  # default: the data set's class names
+    """``[data]``: the labelled images ``fit`` learns from and ``audit``/``certify`` evaluate.
+
+    ``folder``: one sub-folder per class (torchvision's ImageFolder convention), or ``train/`` and
+    ``test/`` (or ``val/``) sub-folders each holding them; ``manifest``: a CSV (header path,label)
+    or JSONL file of {"path", "label"} (paths relative to the manifest). Without train/test
+    sub-folders (or a manifest ``split`` column) a seeded split stratified per class gives
+    ``fit_fraction`` of each class to ``fit`` and the rest to the evaluation. Paths are relative
+    to the pipeline file. ``dataset = ""`` (the default): no data set.
+    """
+
+    dataset: str = ""  # "" (none) | folder | manifest | fashion-mnist | mnist-5k | idx
+    directory: str = ""  # folder / IDX root (fashion-mnist default: the Debian package's folder)
+    manifest: str = ""  # CSV or JSONL file (dataset = "manifest")
+    classes: tuple[str, ...] = ()  # class names in label order (default: the data's own)
+    classes_file: str = ""  # one class name per line
+    split_seed: int = 0
+    fit_fraction: float = 0.5  # share of each class that `fit` learns from when the data is not split already
+    unreadable: Literal["error", "skip"] = "error"  # skip: unreadable images are skipped, counted and reported
+
+    def __post_init__(self) -> None:
+        check(self.dataset == "" or self.dataset in DATA_SETS,
+              f"data.dataset: unknown data set {self.dataset!r}; expected one of "
+              f"{', '.join(map(repr, DATA_SETS))} (or leave it out: no data set)")
+        if self.dataset == "":
+            check(not (self.directory or self.manifest),
+                  "data: directory/manifest given without data.dataset (set dataset = \"folder\", "
+                  "\"manifest\", \"idx\" or \"fashion-mnist\")")
+        check(self.dataset != "folder" or bool(self.directory),
+              "data.directory: dataset \"folder\" needs the folder of images (one sub-folder per class)")
+        check(self.dataset != "idx" or bool(self.directory), "data.directory: dataset \"idx\" needs the folder of the IDX files")
+        check(self.dataset != "manifest" or bool(self.manifest),
+              "data.manifest: dataset \"manifest\" needs the CSV or JSONL file of path, label")
+        check(not self.manifest or self.dataset == "manifest",
+              f"data.manifest: only with dataset = \"manifest\" (dataset is {self.dataset!r})")
+        check(not (self.classes and self.classes_file), "data: give classes or classes_file, not both")
+        check(all(isinstance(c, str) and c for c in self.classes), "data.classes: class names must be non-empty strings")
+        dup = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        check(not dup, f"data.classes: duplicate class name{'s' if len(dup) > 1 else ''} {', '.join(map(repr, dup))}")
+        check(self.split_seed >= 0, f"data.split_seed: must be >= 0, got {self.split_seed}")
+        check(0.0 < self.fit_fraction < 1.0, f"data.fit_fraction: must be within (0, 1), got {self.fit_fraction}")
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.classes or dataset_classes(self.dataset)
+        """The class names known without reading files: ``classes``, or a named data set's."""
+        if self.classes:
+            return self.classes
+        return dataset_classes(self.dataset) if self.dataset in ("fashion-mnist", "mnist-5k", "idx") else ()
+
+    def class_names_at(self, root: Path) -> tuple[str, ...]:
+        """The data's class names in label order, relative paths resolved against ``root`` (the
+        pipeline file's folder): ``classes``; ``classes_file`` (one per line); a folder data set's
+        sorted class folders (one listdir; () while the folder is absent, e.g. on a server); a
+        named data set's names; () without a data set or for a manifest without a class list."""
+        if self.classes:
+            return self.classes
+        if self.classes_file:
+            return read_class_file(_under(root, self.classes_file), "data.classes_file")
+        if self.dataset == "folder":
+            return folder_classes(_under(root, self.directory))
+        return self.class_names
+
+    def standalone(self, root: Path) -> DataSpec:
+        """No data set, only the class names: a copy of the pipeline that serves without the data."""
+        return DataSpec(classes=self.class_names_at(root))
+
+
+def _under(root: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def read_class_file(path: Path, where: str) -> tuple[str, ...]:
+    """One class name per line (surrounding blanks stripped, empty lines ignored)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read {path} ({e})") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not names:
+        raise ConfigError(f"{where}: {path} names no classes (one class name per line)")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise ConfigError(f"{where}: {path} repeats class name{'s' if len(dup) > 1 else ''} {', '.join(map(repr, dup))}")
+    return names
+
+
+def folder_classes(directory: Path) -> tuple[str, ...]:
+    """Sorted class-folder names of an ImageFolder tree (of its train/ and test/ or val/ sub-folders
+    when it has them); hidden folders are ignored; () when the folder is absent."""
+    if not directory.is_dir():
+        return ()
+    subs = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split = [s for s in subs if s in SPLIT_FOLDERS]
+    if "train" in split and len(split) > 1:
+        return tuple(sorted({c.name for s in split for c in (directory / s).iterdir()
+                             if c.is_dir() and not c.name.startswith(".")}))
+    return tuple(subs)
 
 
 @dataclass(frozen=True)

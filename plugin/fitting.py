@@ -1,6 +1,8 @@
 """Fitting a pipeline (``advshield fit``, ``advshield.fit``): learn every artifact the pipeline's defenses and detector need.
 
-Data: the TRAIN split of the pipeline's data set (``[data]``), never the test split. A seeded
+Data: the TRAIN split of the pipeline's data set (``[data]``, ``advshield.plugin.datasets``: for a
+folder or manifest its train/ sub-folder or the ``fit_fraction`` side of its seeded split), never
+what the audit evaluates. A seeded
 permutation of it gives, in this order, ``samples`` images for the defenses that learn from data
 (``needs_fit``, e.g. patch-replacement codebooks) and then ``calibration`` further, disjoint
 images on which the detector's threshold is calibrated at its target false-positive rate.
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advshield.core.data import Dataset, load_dataset
+from advshield.core.data import Dataset
 from advshield.core.errors import ArtifactError, ConfigError, ModelError
 from advshield.core.hashing import sha256_file
 from advshield.core.progress import progress as progress_bar
@@ -38,6 +40,7 @@ from advshield.core.validation import check, from_mapping
 from advshield.defenses.base import verify_artifact
 from advshield.defenses.registry import build_defense, build_detector
 from advshield.plugin.classifiers import OnnxClassifier
+from advshield.plugin.datasets import load_data
 from advshield.plugin.pipeline import DefendedClassifier
 from advshield.plugin.split import IMAGE_LAYER, attach_feature_defenses, bind_feature_extractors, layer_of
 
@@ -108,12 +111,14 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
         return summary
     refuse_package_artifacts(cfg, [n for d in [*learners, *([detector] if detector else [])] for n in d.artifact_names])
 
-    directory = cfg.resolve(cfg.data.directory) if cfg.data.directory else None
-    train = load_dataset(cfg.data.dataset, "train", directory)
+    split = load_data(cfg, "train")
+    train = split.data
+    summary["data"] = split.description
     n_fit = spec.samples if learners else 0
     n_cal = spec.calibration if detector is not None else 0
     if n_fit + n_cal > len(train):
-        raise ConfigError(f"fit: samples ({n_fit}) + calibration ({n_cal}) exceed the {len(train)} images of {train.name}")
+        raise ConfigError(f"fit: samples ({n_fit}) + calibration ({n_cal}) exceed the {len(train)} images of {train.name} "
+                          "(set [fit] samples / calibration, or --samples / --calibration)")
     perm = np.random.default_rng(spec.seed).permutation(len(train))
     parts = {"fit": perm[:n_fit], "calibration": perm[n_fit : n_fit + n_cal]}
 
@@ -159,7 +164,8 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
     if detector is not None:
         clf = classifier or OnnxClassifier(cfg.model_path, device=cfg.model.device, threads=cfg.model.threads)
         clf, image_steps = attach_feature_defenses(cfg, clf, steps)
-        pipeline = DefendedClassifier(clf, image_steps, cfg.data.class_names, cfg, detector=detector)
+        names = train.classes if len(train.classes) == clf.num_classes else ()  # only labels the scores
+        pipeline = DefendedClassifier(clf, image_steps, names, cfg, detector=detector)
         images, data_sha = subset(parts["calibration"])
         scores = []
         t0 = time.perf_counter()

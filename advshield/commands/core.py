@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from advshield.core.errors import ImageError
 from advshield.core.resources import DEFAULT_PIPELINE
 from advshield.demo import run_demo
 from advshield.plugin.decode import decode_image
+from advshield.plugin.scoring import collect_images
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="classify image files through the defended pipeline")
     p.add_argument("pipeline")
-    p.add_argument("images", nargs="+", help="PNG or JPEG files")
+    p.add_argument("images", nargs="+", help="PNG or JPEG files, or folders searched recursively (sorted)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.add_argument("--seed", type=int, default=None, help="seed for random defenses")
@@ -92,7 +94,7 @@ def cmd_predict(args) -> int:
     clf = api.classifier(args.pipeline)
     assert clf.config is not None
     rows, arrays, errors = [], [], 0
-    for name in args.images:
+    for name in map(str, collect_images(args.images)):  # folders: their PNG/JPEG files, recursively, sorted
         try:
             arrays.append(decode_image(Path(name).read_bytes(), clf.config.input))
             rows.append(name)
@@ -109,7 +111,7 @@ def cmd_predict(args) -> int:
         for i, name in enumerate(rows):
             order = np.argsort(-pred.probs[i])[: args.top]
             none = "ABSTAIN" if pred.radius is not None else "REJECTED"
-            rec = {"image": name, "label": int(pred.labels[i]), "class": names[pred.labels[i]] if pred.labels[i] >= 0 else none,
+            rec: dict[str, Any] = {"image": name, "label": int(pred.labels[i]), "class": names[pred.labels[i]] if pred.labels[i] >= 0 else none,
                    "top": [{"class": names[j], "prob": round(float(pred.probs[i, j]), 6)} for j in order]}
             if pred.radius is not None:
                 rec["certified_radius"] = float(pred.radius[i])

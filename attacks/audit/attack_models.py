@@ -103,6 +103,10 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
         "surrogate": cfg.surrogate_path.name if surrogate is not None else None,
         "scorer": repr(scorer) if scorer is not defended else "in process (DefendedClassifier)",
     }
+    asked = [e.id for e in spec.entries if e.transfer]
+    if asked and surrogate is None:  # said in the report (the surrogate is optional), not silently dropped
+        why = "[audit] transfer = false" if not spec.transfer else "the pipeline has no [model] surrogate"
+        mode["transfer_skipped"] = f"{why}: transfer attack{'s' if len(asked) > 1 else ''} {', '.join(asked)} not run"
     if features:  # only for split pipelines: the other audits' settings (and resume fingerprints) stay as they were
         mode["feature_layers"] = {layer: [d.name for d in g] for layer, g in attacked.items()}
     return Setup(scorer, model, surrogate, mode, twin, list(defended.defenses))
