@@ -32,6 +32,7 @@ from advshield.deploy.triton import Repository, generate_repository
 from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.config import load_pipeline as _load_pipeline
+from advshield.plugin.datasets import with_data
 from advshield.plugin.fitting import fit_pipeline, fit_spec
 from advshield.plugin.pipeline import DefendedClassifier, Prediction
 from advshield.plugin.server import ScoringServer, build_server, serve_spec
@@ -47,10 +48,12 @@ def load_pipeline(pipeline: PipelineLike) -> PipelineConfig:
 
 
 def fit(pipeline: PipelineLike, *, samples: int | None = None, calibration: int | None = None,
-        seed: int | None = None, batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+        seed: int | None = None, batch_size: int | None = None, data: str | Path | None = None,
+        progress: bool = True) -> dict[str, Any]:
     """Learn the pipeline's artifacts (codebooks, detector threshold) on its data set's TRAIN split;
-    returns a summary (per defense and detector: images, seconds, artifacts and their sha256)."""
-    cfg = load_pipeline(pipeline)
+    returns a summary (per defense and detector: images, seconds, artifacts and their sha256; the
+    data's description). ``data``: a folder or manifest (``--data``) in place of ``[data]``."""
+    cfg = with_data(load_pipeline(pipeline), data)
     spec = fit_spec(cfg, samples=samples, calibration=calibration, seed=seed, batch_size=batch_size)
     return fit_pipeline(cfg, spec, progress=progress)
 
@@ -61,13 +64,14 @@ def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int
           eot_samples: int | None = None, detector_aware: bool | None = None,
           protocol: Literal["cascade", "independent"] | None = None, target: str | None = None,
           token: str | None = None, fresh: bool = False, certify: bool | None = None,
-          certify_dir: str | Path | None = None, threads: int | None = None, progress: bool = True,
-          command: str = "") -> AuditResult:
+          certify_dir: str | Path | None = None, threads: int | None = None, data: str | Path | None = None,
+          progress: bool = True, command: str = "") -> AuditResult:
     """Attack the defended pipeline, write records and the report under ``out``, apply the gate.
 
     See ``advshield.attacks.audit_pipeline.audit_pipeline`` for the parameters; ``threads`` sets
-    torch's thread count for the run (1 is best on a busy machine)."""
-    cfg = load_pipeline(pipeline)
+    torch's thread count for the run (1 is best on a busy machine); ``data``: a folder or manifest
+    (``--data``, see ``advshield.plugin.datasets.with_data``) in place of ``[data]``."""
+    cfg = with_data(load_pipeline(pipeline), data)
     if threads:
         torch.set_num_threads(threads)
     return audit_pipeline(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
@@ -81,12 +85,13 @@ def certify(pipeline: PipelineLike, *, out: str | Path | None = None, sigmas: Se
             models: Sequence[str | Path] | None = None, n0: int | None = None, n: int | None = None,
             alpha: float | None = None, samples: int | None = None, start: int | None = None,
             batch_size: int | None = None, seed: int | None = None, target: str | None = None,
-            token: str | None = None, progress: bool = True) -> CertifyResult:
+            token: str | None = None, data: str | Path | None = None, progress: bool = True) -> CertifyResult:
     """Randomized-smoothing certification over the whole pipeline (the ``[certify]`` section with
     these overrides). ``models``: a noise-trained base model per sigma; paths given here are taken
     as they are (relative to the working folder), those in the file relative to the file. Passing
-    ``sigmas`` without ``models`` drops the file's models."""
-    cfg = load_pipeline(pipeline)
+    ``sigmas`` without ``models`` drops the file's models. ``data``: a folder or manifest in place of
+    ``[data]`` (``--data``)."""
+    cfg = with_data(load_pipeline(pipeline), data)
     overrides: dict[str, Any] = {"n0": n0, "n": n, "alpha": alpha, "samples": samples, "start": start,
                                  "batch_size": batch_size, "seed": seed,
                                  "sigmas": tuple(sigmas) if sigmas else None,

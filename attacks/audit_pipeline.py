@@ -38,12 +38,12 @@ from advshield.attacks.certify import (
     CertifySpec,
     certify_spec,
     in_process_bases,
+    output_classes,
     run_certification,
 )
 from advshield.attacks.gate import GateResult, evaluate_gate
 from advshield.attacks.masking import masking_warnings
 from advshield.attacks.report import build_report, compute_metrics, distortion_budget, write_report
-from advshield.core.data import load_dataset
 from advshield.core.errors import ConfigError
 from advshield.core.hashing import sha256_file
 from advshield.core.validation import to_mapping
@@ -51,6 +51,7 @@ from advshield.defenses.randomization import GaussianNoise, GaussianNoiseConfig
 from advshield.plugin.classifiers import TwinClassifier
 from advshield.plugin.client import RemoteClassifier, parse_target, serving_parity
 from advshield.plugin.config import PipelineConfig
+from advshield.plugin.datasets import DataSplit, evaluated, load_data
 from advshield.plugin.pipeline import DefendedClassifier
 
 
@@ -87,9 +88,12 @@ def _relative(path: Path, root: Path) -> str:
         return path.name
 
 
-def pipeline_info(cfg: PipelineConfig, checksums: dict[str, str]) -> dict[str, Any]:
-    """Name, description, sha256 and relative path of every file the pipeline uses (for the report)."""
+def pipeline_info(cfg: PipelineConfig, checksums: dict[str, str], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Name, description, sha256 and relative path of every file the pipeline uses, and the
+    description of the evaluated data (``advshield.plugin.datasets``), for the report."""
     info: dict[str, Any] = {"name": cfg.pipeline.name, "description": cfg.pipeline.description, "sha256": {}, "paths": {}}
+    if data is not None:
+        info["data"] = data
     if cfg.source is not None:
         info["sha256"]["pipeline file"] = sha256_file(cfg.source)
         info["paths"]["pipeline file"] = cfg.source.name
@@ -100,11 +104,11 @@ def pipeline_info(cfg: PipelineConfig, checksums: dict[str, str]) -> dict[str, A
 
 
 def _certification(cfg: PipelineConfig, out: Path, *, certify: bool | None, certify_dir: str | Path | None,
-                   fresh: bool, progress: bool
+                   fresh: bool, progress: bool, test: DataSplit
                    ) -> tuple[dict[str, Any], list[dict[str, Any]], BaseForSigma, CertifySpec] | None:
     """(certify summary, certify records, base_for_sigma, spec) or None: read ``certify_dir``, or
     run the stage when asked (``certify``, or None with a [certify] section) into OUT/certify
-    (reused when done with the same settings)."""
+    (reused when done with the same settings on the same images)."""
     if certify is False or not (certify_dir or certify or "certify" in cfg.extra):
         return None
     spec = certify_spec(cfg)
@@ -116,19 +120,30 @@ def _certification(cfg: PipelineConfig, out: Path, *, certify: bool | None, cert
             raise ConfigError(f"certify_dir: {summary_path} not found (run `advshield certify ... --out {folder}`)")
         summary = json.loads(summary_path.read_text())
         spec = certify_spec(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in summary["spec"].items()})
-    elif (summary_path.is_file() and not fresh
-          and json.loads(summary_path.read_text()).get("spec") == json.loads(json.dumps(to_mapping(spec)))):
-        summary = json.loads(summary_path.read_text())
+        return summary, _rows(records_path), base_for_sigma, spec
+    data = test.data
+    stop = min(spec.start + spec.samples, len(data))
+    if stop <= spec.start:
+        raise ConfigError(f"certify.start: {spec.start} is past the end of the test split ({len(data)} images)")
+    data_info = evaluated(test, spec.start, stop)
+    old = json.loads(summary_path.read_text()) if summary_path.is_file() and not fresh else {}
+    if (old.get("spec") == json.loads(json.dumps(to_mapping(spec)))
+            and old.get("data", {}).get("evaluated_sha256") == data_info["evaluated_sha256"]):
+        summary = old
         print(f"certification: reusing {summary_path}")
     else:
-        data = load_dataset(cfg.data.dataset, "test", cfg.data.directory or None)
-        stop = min(spec.start + spec.samples, len(data))
-        summary = run_certification(base_for_sigma, len(cfg.data.class_names), data.as_float(spec.start, stop),
+        images = data.as_float(spec.start, stop)
+        summary = run_certification(base_for_sigma, output_classes(base_for_sigma, spec.sigmas[0], images), images,
                                     data.labels[spec.start:stop], spec, folder, progress=progress)
         summary.pop("records", None)
-    rows = ([json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+        summary["data"] = data_info
+        summary_path.write_text(json.dumps(summary, indent=2))
+    return summary, _rows(records_path), base_for_sigma, spec
+
+
+def _rows(records_path: Path) -> list[dict[str, Any]]:
+    return ([json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
             if records_path.is_file() else [])
-    return summary, rows, base_for_sigma, spec
 
 
 def audit_pipeline(
@@ -167,10 +182,12 @@ def audit_pipeline(
     spec = spec.with_gate_eps(cfg.gate.gate_eps)
     out = Path(out or f"runs/audit/{cfg.pipeline.name}")
     checksums = cfg.checksums(verify=True)
-    data = load_dataset(cfg.data.dataset, "test", cfg.data.directory or None)
+    test = load_data(cfg, "test")
+    data = test.data
     stop = min(spec.start + spec.samples, len(data))
     if stop <= spec.start:
         raise ConfigError(f"audit.start: {spec.start} is past the end of the test split ({len(data)} images)")
+    data_info = evaluated(test, spec.start, stop)
     images, labels = data.as_float(spec.start, stop), np.asarray(data.labels[spec.start:stop], np.int64)
 
     scorer = None
@@ -182,7 +199,7 @@ def audit_pipeline(
     if scorer is not None:
         parity = serving_parity(DefendedClassifier.from_config(cfg), scorer, torch.from_numpy(images[:16]), seed=spec.seed)
         print(f"scoring through {scorer!r}; parity with the in-process pipeline on 16 images: {parity}")
-    header = {"pipeline.files": checksums, "target": target, "data": f"{cfg.data.dataset}:test[{spec.start}:{stop}]"}
+    header = {"pipeline.files": checksums, "target": target, "data": data_info}
     auditor = Auditor(setup, spec, images, labels, out, fresh=fresh, progress=progress, header=header)
     if auditor.log.done:
         print(f"resuming: {len(auditor.log.done)} batches already in {out / RECORDS}")
@@ -197,7 +214,7 @@ def audit_pipeline(
 
     budget = None
     violations: list[dict[str, Any]] = []
-    cert = _certification(cfg, out, certify=certify, certify_dir=certify_dir, fresh=fresh, progress=progress)
+    cert = _certification(cfg, out, certify=certify, certify_dir=certify_dir, fresh=fresh, progress=progress, test=test)
     if cert is not None:
         summary, cert_rows, base_for_sigma, cspec = cert
         budget = distortion_budget(summary, metrics, cfg.gate.certified_accuracy_target)
@@ -210,7 +227,7 @@ def audit_pipeline(
                                                       convergence_tolerance=spec.convergence_tolerance,
                                                       bpda_tolerance=spec.bpda_tolerance)]
     gate = evaluate_gate(cfg.gate, metrics, gate_norm=spec.gate_norm, warnings=len(warnings), budget=budget)
-    report = build_report(pipeline=pipeline_info(cfg, checksums), spec=spec, probes=probes, metrics=metrics,
+    report = build_report(pipeline=pipeline_info(cfg, checksums, data_info), spec=spec, probes=probes, metrics=metrics,
                           warnings=warnings, gate=gate.to_dict(), budget=budget, command=command,
                           seconds=time.perf_counter() - t_start)
     files = write_report(out, report)
@@ -242,6 +259,7 @@ def _certificate_check(cfg: PipelineConfig, setup: Setup, spec: AuditSpec, out: 
                            seed=derive_seed(spec.seed, "certificate attack", sigma))
 
     by_sample = {spec.start + i: images[i] for i in range(len(images))}
-    return certificate_check(base_for_sigma, len(cfg.data.class_names), cert_rows, cspec, out, records, by_sample,
+    return certificate_check(base_for_sigma, output_classes(base_for_sigma, cspec.sigmas[0], images), cert_rows,
+                             cspec, out, records, by_sample,
                              attack_model_for_sigma=smoothed_model, checks=spec.certify_checks, seed=spec.seed,
                              progress=progress)

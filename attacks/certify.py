@@ -23,12 +23,13 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from advshield.core.data import load_dataset
+from advshield.core.errors import ConfigError
 from advshield.core.progress import progress as progress_bar
 from advshield.core.validation import check, from_mapping
 from advshield.plugin.classifiers import OnnxClassifier
 from advshield.plugin.client import RemoteClassifier, parse_target
 from advshield.plugin.config import PipelineConfig
+from advshield.plugin.datasets import evaluated, load_data
 from advshield.plugin.pipeline import DefendedClassifier
 from advshield.plugin.smoothing import (
     ABSTAIN,
@@ -186,6 +187,13 @@ def pipeline_base(cfg: PipelineConfig, model_path: str | None = None) -> Defende
 BaseForSigma = Callable[[float], Callable[[torch.Tensor], torch.Tensor]]
 
 
+def output_classes(base_for_sigma: BaseForSigma, sigma: float, images: np.ndarray) -> int:
+    """The base classifier's number of classes (its output's width), from one forward pass of the
+    first image (its own call of ``base_for_sigma``: the certification's generators are untouched)."""
+    with torch.no_grad():
+        return int(base_for_sigma(sigma)(torch.from_numpy(np.ascontiguousarray(images[:1], np.float32))).shape[-1])
+
+
 def in_process_bases(cfg: PipelineConfig, spec: CertifySpec) -> BaseForSigma:
     """``base_for_sigma(sigma)``: the defended pipeline (with the noise-trained model ``spec``
     names for that sigma, if any) as the smoothing base classifier; pipelines built once per model."""
@@ -230,8 +238,11 @@ def certify_pipeline(cfg: PipelineConfig, spec: CertifySpec, out: Path, *, targe
                      token: str | None = None, progress: bool = True) -> CertifyResult:
     """Certify ``spec.samples`` test images of the pipeline's data set at every sigma, in process or
     through a live endpoint (``target`` = grpc://HOST:PORT[/MODEL]); write records, summary, plot."""
-    data = load_dataset(cfg.data.dataset, "test", cfg.data.directory or None)
+    test = load_data(cfg, "test")
+    data = test.data
     stop = min(spec.start + spec.samples, len(data))
+    if stop <= spec.start:
+        raise ConfigError(f"certify.start: {spec.start} is past the end of the test split ({len(data)} images)")
     images, labels = data.as_float(spec.start, stop), data.labels[spec.start:stop]
     out = Path(out)
     scorer = "in process"
@@ -243,9 +254,10 @@ def certify_pipeline(cfg: PipelineConfig, spec: CertifySpec, out: Path, *, targe
         scorer = repr(remote)
     else:
         base_for_sigma = in_process_bases(cfg, spec)
-        num_classes = len(cfg.data.class_names)
+        num_classes = output_classes(base_for_sigma, spec.sigmas[0], images)
     summary = run_certification(base_for_sigma, num_classes, images, labels, spec, out, progress=progress)
     records = summary.pop("records")
+    summary["data"] = evaluated(test, spec.start, stop)
     goal = cfg.gate.certified_accuracy_target
     budgets = budget(summary, goal)
     summary["certified_budget"] = budgets

@@ -46,6 +46,8 @@ path = "{model}"
 channels = 1
 height = 28
 width = 28
+[data]
+dataset = "fashion-mnist"
 [deploy]
 max_batch_size = 64
 max_queue_delay_us = {delay}

@@ -1,5 +1,10 @@
 """Image decoding at the edge: encoded PNG/JPEG bytes -> validated float32 CHW in [0, 1].
 
+The same function decodes what serving receives and the images of a folder or manifest data set
+(``decode_pixels``: uint8 CHW), so a data set is seen exactly as a served request. ``[input]
+resize``: ``exact`` (another size is an error), ``resize`` (bilinear to HxW) or ``crop``
+(ImageNet evaluation: shorter side to round(max(H, W) / crop_fraction), centre HxW crop).
+
 Images are decoded exactly once, here. Limits on encoded size and pixel count are checked
 before any pixel is decoded (decompression bombs); every failure is an ``ImageError`` that says
 what is wrong with the input.
@@ -22,6 +27,11 @@ _COLOUR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
 
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     """Decode one encoded image into float32 [C, H, W] in [0, 1] following ``spec``."""
+    return decode_pixels(data, spec).astype(np.float32) / np.float32(255.0)
+
+
+def decode_pixels(data: bytes, spec: InputSpec) -> np.ndarray:
+    """Decode one encoded image into uint8 [C, H, W] following ``spec`` (serving and data sets alike)."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -67,16 +77,41 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     if mode == "CMYK" and spec.color == "strict":
         raise ImageError("wrong mode: CMYK images are not accepted")
     pic = img.convert("L" if spec.channels == 1 else "RGB")
-    if (h, w) != (spec.height, spec.width):
+    if spec.resize == "crop":
+        pic = resize_and_centre_crop(pic, spec.height, spec.width, spec.crop_fraction)
+    elif (h, w) != (spec.height, spec.width):
         if spec.resize == "exact":
             raise ImageError(f"wrong size: expected {spec.width}x{spec.height} (WxH), got {w}x{h}")
         pic = pic.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     arr = np.asarray(pic, dtype=np.uint8)
     if arr.ndim == 2:
-        arr = arr[None]
+        return np.ascontiguousarray(arr[None])
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def crop_geometry(w: int, h: int, height: int, width: int, crop_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The ``crop`` policy's sizes for a WxH image: ((resized W, resized H), (left, top) of the
+    centre HxW crop). The shorter side becomes round(max(height, width) / crop_fraction), the longer
+    one keeps the aspect ratio (truncated, as torchvision's Resize); the crop's offset is rounded,
+    as torchvision's CenterCrop (crop_fraction <= 1, so the resized image holds the crop)."""
+    short = round(max(height, width) / crop_fraction)
+    if w <= h:
+        rw, rh = short, int(short * h / w)
     else:
-        arr = arr.transpose(2, 0, 1)
-    return arr.astype(np.float32) / np.float32(255.0)
+        rw, rh = int(short * w / h), short
+    return (rw, rh), (round((rw - width) / 2.0), round((rh - height) / 2.0))
+
+
+def resize_and_centre_crop(pic, height: int, width: int, crop_fraction: float):
+    """ImageNet evaluation's preprocessing on a PIL image: shorter side to
+    round(max(height, width) / crop_fraction) (bilinear), then the centre height x width crop.
+    Applied to every image, whatever its size, so that equal content gives equal pixels."""
+    from PIL import Image
+
+    (rw, rh), (left, top) = crop_geometry(pic.width, pic.height, height, width, crop_fraction)
+    if (rw, rh) != pic.size:
+        pic = pic.resize((rw, rh), Image.Resampling.BILINEAR)
+    return pic.crop((left, top, left + width, top + height))
 
 
 def _palette_is_grey(img) -> bool:

@@ -135,6 +135,9 @@ name = "patches_test"
 [model]
 path = "{model}"
 
+[data]
+dataset = "fashion-mnist"
+
 [[defenses]]
 type = "patch_replacement"
 layer = "image"

@@ -57,6 +57,9 @@ channels = 1
 height = 28
 width = 28
 resize = "exact"
+
+[data]
+dataset = "fashion-mnist"
 """
 
 PIPELINES = {

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="attack the defended pipeline, write the report, apply the release gate")
     p.add_argument("pipeline")
     p.add_argument("--out", default=None, help="output folder (default: runs/audit/<pipeline name>)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a folder of images (one sub-folder per class), a folder of IDX files, or a .csv/.jsonl "
+                        "manifest (path,label), in place of the pipeline's [data] set")
     p.add_argument("--samples", type=int, default=None, help="test images audited (default: [audit] samples or 200)")
     p.add_argument("--start", type=int, default=None, help="first test image (default: [audit] start or 0)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -57,7 +60,7 @@ def cmd_audit(args) -> int:
                            eot_samples=args.eot, detector_aware=args.detector_aware, protocol=args.protocol,
                            target=args.target,
                            token=args.token, fresh=args.fresh, certify=certify, certify_dir=args.certify_dir,
-                           threads=args.threads, progress=not args.quiet, command=command)
+                           threads=args.threads, data=args.data, progress=not args.quiet, command=command)
     except (AdvshieldError, KeyboardInterrupt):
         raise
     except Exception as e:  # a crash is an error (2), never a gate failure (1)

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score through a live server instead of in process: grpc://HOST:PORT[/MODEL]")
     p.add_argument("--token", default=None, help="bearer token for --target")
     p.add_argument("--out", default=None, help="output folder (default: runs/certify/<pipeline name>)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a folder of images (one sub-folder per class), a folder of IDX files, or a .csv/.jsonl "
+                        "manifest (path,label), in place of the pipeline's [data] set")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_certify)
 
@@ -31,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_certify(args) -> int:
     result = api.certify(args.pipeline, out=args.out, sigmas=args.sigma, models=args.model, n0=args.n0, n=args.n,
                          alpha=args.alpha, samples=args.samples, start=args.start, batch_size=args.batch_size,
-                         seed=args.seed, target=args.target, token=args.token, progress=not args.quiet)
+                         seed=args.seed, target=args.target, token=args.token, data=args.data,
+                         progress=not args.quiet)
     if args.target:
         print(f"certified through {result.scorer} (noise is clipped to [0, 1] on the wire)")
     summary, budgets, target = result.summary, result.budget, result.target

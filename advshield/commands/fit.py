@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out training images for the detector threshold (default: [fit] or 10000)")
     p.add_argument("--seed", type=int, default=None, help="seed of the data split and of random steps (default: [fit] or 0)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a folder of images (one sub-folder per class), a folder of IDX files, or a .csv/.jsonl "
+                        "manifest (path,label), in place of the pipeline's [data] set")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fit)
@@ -25,13 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     summary = api.fit(args.pipeline, samples=args.samples, calibration=args.calibration, seed=args.seed,
-                      batch_size=args.batch_size, progress=not args.quiet)
+                      batch_size=args.batch_size, data=args.data, progress=not args.quiet)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     if "note" in summary:
         print(summary["note"])
         return 0
+    if summary.get("data"):
+        d = summary["data"]
+        skipped = f", {d['skipped']} unreadable skipped" if d.get("skipped") else ""
+        print(f"data: {d['dataset']} {d['source']}: {d['images']} training images ({d['split_by']}){skipped}")
     for d in summary["defenses"]:
         print(f"defense {d['index']} ({d['type']}): fitted on {d['images']} training images in {d['seconds']} s")
     det = summary["detector"]
