@@ -17,7 +17,8 @@ to the paths of the pipeline's ``[artifacts]`` entries, each with a ``.meta.json
 (sha256, parameters, training-data sha256); their sha256s are printed to pin in the pipeline file.
 
 Settings come from the optional ``[fit]`` section (samples, calibration, seed, batch_size);
-keyword overrides (the command line's flags) win.
+keyword overrides (the command line's flags) win. A count left at its default shrinks to a smaller
+training split (``fit_counts``); a count that was given and does not fit is an error.
 """
 
 from __future__ import annotations
@@ -93,6 +94,23 @@ def refuse_package_artifacts(cfg: Any, names: list[str]) -> None:
             "example pipelines into a working folder first (`advshield examples DIR`) and fit the copy")
 
 
+def fit_counts(cfg: Any, spec: FitSpec, n_fit: int, n_cal: int, train: Dataset) -> tuple[int, int]:
+    """(samples, calibration) within a training split smaller than they ask: a count left at its
+    default (not in [fit], not overridden) shrinks to what the given ones leave, 2:1 between the
+    two when both are defaults (as 20,000:10,000); counts that were given are kept, or an error."""
+    default = FitSpec()
+    given = set(cfg.extra.get("fit", {})) | {k for k in ("samples", "calibration") if getattr(spec, k) != getattr(default, k)}
+    flexible = [k for k, n in (("samples", n_fit), ("calibration", n_cal)) if n and k not in given]
+    left = len(train) - (0 if "samples" in flexible else n_fit) - (0 if "calibration" in flexible else n_cal)
+    if not flexible or left < len(flexible):
+        raise ConfigError(f"fit: samples ({n_fit}) + calibration ({n_cal}) exceed the {len(train)} images of {train.name} "
+                          "(set [fit] samples / calibration, or --samples / --calibration)")
+    if len(flexible) == 2:
+        n_fit = min(max(round(left * 2 / 3), 1), left - 1)
+        return n_fit, left - n_fit
+    return (left, n_cal) if flexible == ["samples"] else (n_fit, left)
+
+
 def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: Any = None) -> dict[str, Any]:
     """Fit every defense with ``needs_fit`` and calibrate the detector; returns a summary."""
     t_start = time.perf_counter()
@@ -117,8 +135,9 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
     n_fit = spec.samples if learners else 0
     n_cal = spec.calibration if detector is not None else 0
     if n_fit + n_cal > len(train):
-        raise ConfigError(f"fit: samples ({n_fit}) + calibration ({n_cal}) exceed the {len(train)} images of {train.name} "
-                          "(set [fit] samples / calibration, or --samples / --calibration)")
+        n_fit, n_cal = fit_counts(cfg, spec, n_fit, n_cal, train)
+        summary["scaled"] = (f"the training split holds {len(train)} images: samples {n_fit}, calibration {n_cal} "
+                             "(the defaults left in [fit] shrink to the data)")
     perm = np.random.default_rng(spec.seed).permutation(len(train))
     parts = {"fit": perm[:n_fit], "calibration": perm[n_fit : n_fit + n_cal]}
 

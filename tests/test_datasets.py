@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from advshield.attacks.report import validate_report
 from advshield.cli import main
 from advshield.core.data import FASHION_CLASSES, Dataset
 from advshield.core.errors import ConfigError, DataError
@@ -23,6 +24,7 @@ from advshield.plugin.datasets import (
     with_data,
 )
 from advshield.plugin.decode import crop_geometry, decode_image, decode_pixels
+from advshield.plugin.fitting import FitSpec, fit_counts
 
 # --- helpers -----------------------------------------------------------------------------------------
 
@@ -383,6 +385,19 @@ def test_with_data_picks_the_kind(tmp_path):
     assert with_data(cfg, None) is cfg
 
 
+def test_fit_defaults_shrink_to_a_small_training_split(tmp_path):
+    cfg = load_pipeline(pipeline(tmp_path, ""))
+    train = Dataset(np.zeros((30, 1, 2, 2), np.uint8), np.zeros(30, np.int64), ("a",), "folder-train")
+    assert fit_counts(cfg, FitSpec(), 20000, 10000, train) == (20, 10)  # both defaults: 2:1
+    assert fit_counts(cfg, FitSpec(), 0, 10000, train) == (0, 30)  # no learner: the detector takes all
+    assert fit_counts(cfg, FitSpec(samples=25), 25, 10000, train) == (25, 5)  # a given count is kept
+    with pytest.raises(ConfigError, match=r"samples \(40\) \+ calibration \(0\) exceed the 30 images of folder-train"):
+        fit_counts(cfg, FitSpec(samples=40), 40, 0, train)
+    pinned = load_pipeline(pipeline(tmp_path, "", extra="[fit]\ncalibration = 10000\n", name="f.toml"))
+    with pytest.raises(ConfigError, match=r"calibration \(10000\) exceed the 30 images"):
+        fit_counts(pinned, FitSpec(), 0, 10000, train)  # the default value, but written in [fit]
+
+
 # --- the commands on a tiny grey folder with the shipped reference model -----------------------------------
 
 SQUEEZE = """
@@ -398,9 +413,6 @@ artifact = "thr"
 
 [artifacts.thr]
 path = "artifacts/thr.json"
-
-[fit]
-calibration = 6
 
 [audit]
 samples = 4
@@ -440,7 +452,9 @@ def test_fit_and_audit_with_data_on_a_folder(tmp_path, grey_folder, model_path, 
     d = summary["data"]
     assert (d["dataset"], d["source"], d["split"], d["counts"]) == ("folder", str(grey_folder), "train",
                                                                     {"train": 6, "test": 6})
+    # no [fit] calibration: the default 10,000 shrinks to the 6 training images
     assert summary["detector"]["samples"] == 6 and (tmp_path / "conf" / "artifacts" / "thr.json").is_file()
+    assert "calibration 6" in summary["scaled"]
 
     out = tmp_path / "audit"
     assert main(["audit", str(path), "--data", str(grey_folder), "--out", str(out), "--threads", "1", "--quiet"]) == 0
@@ -449,6 +463,8 @@ def test_fit_and_audit_with_data_on_a_folder(tmp_path, grey_folder, model_path, 
     assert data["dataset"] == "folder" and data["split"] == "test" and data["range"] == [0, 4]
     assert data["counts"] == {"train": 6, "test": 6} and len(data["evaluated_sha256"]) == 64
     assert report["metrics"]["samples"] == 4 and report["metrics"]["clean_accuracy"] >= 0.75
+    validate_report(report)  # the schema describes pipeline.data
+    assert f"Data: folder `{grey_folder}`, test split" in (out / "report.md").read_text()
     header = json.loads((out / "records.jsonl").read_text().splitlines()[0])["header"]
     assert header["settings"]["data"]["evaluated_sha256"] == data["evaluated_sha256"]
     # the evaluated images are the test side of the split: none of them was used by fit
