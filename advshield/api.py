@@ -22,14 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-import torch
-
 from advshield.attacks.audit_pipeline import AuditResult, audit_pipeline
 from advshield.attacks.certify import CertifyResult, certify_pipeline, certify_spec
 from advshield.core.errors import ImageError
 from advshield.core.resources import copy_examples as _copy_examples
 from advshield.deploy.triton import Repository, generate_repository
-from advshield.plugin.classifiers import OnnxClassifier, TwinClassifier
+from advshield.plugin.classifiers import classifier_from_config, set_torch_threads, twin_from_config
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.config import load_pipeline as _load_pipeline
 from advshield.plugin.datasets import with_data
@@ -72,8 +70,7 @@ def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int
     torch's thread count for the run (1 is best on a busy machine); ``data``: a folder or manifest
     (``--data``, see ``advshield.plugin.datasets.with_data``) in place of ``[data]``."""
     cfg = with_data(load_pipeline(pipeline), data)
-    if threads:
-        torch.set_num_threads(threads)
+    set_torch_threads(threads or 0)  # 0: at most the CPUs this process has (affinity, cgroup quota)
     return audit_pipeline(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
                           attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
                           protocol=protocol,
@@ -104,23 +101,27 @@ def certify(pipeline: PipelineLike, *, out: str | Path | None = None, sigmas: Se
 
 
 def info(pipeline: PipelineLike, *, parity: bool = False) -> dict[str, Any]:
-    """What the pipeline uses: input shape, defenses, detector, randomness, every file with its
-    sha256 (verified against the pins); ``parity``: also the twin's max |logit difference|."""
+    """What the pipeline uses: input shape, the model as advshield wraps it (input CxHxW, layout,
+    normalization, output kind, fixed or dynamic batch, classes, the wrapped graph's sha256),
+    defenses, detector, randomness, every file with its sha256 (verified against the pins);
+    ``parity``: also the twin's max |logit difference| (twin and ONNX Runtime on the wrapped graph)."""
     cfg = load_pipeline(pipeline)
     sums = cfg.checksums(verify=True)
     files = cfg.files()
+    wrapped = cfg.wrapped_model()
     report: dict[str, Any] = {
         "pipeline": cfg.pipeline.name,
         "source": str(cfg.source),
         "input": list(cfg.input.shape),
+        "model": {**wrapped.describe(), "model_input": wrapped.graph.describe_input()},
+        "class_names": list(cfg.class_names),
         "defenses": [e.type for e in cfg.defenses],
         "detector": cfg.detector.type if cfg.detector else None,
         "random": cfg.random,
         "files": {k: {"path": str(files[k][0]), "sha256": v} for k, v in sums.items()},
     }
     if parity:
-        twin = TwinClassifier(cfg.model_path, tolerance=cfg.model.parity_tolerance,
-                              reference=OnnxClassifier(cfg.model_path, device="cpu"))
+        twin = twin_from_config(cfg, device="cpu", reference=classifier_from_config(cfg, device="cpu"))
         report["twin_parity_max_abs_diff"] = twin.parity.max_abs_diff
     return report
 
@@ -133,9 +134,11 @@ def classifier(pipeline: PipelineLike) -> DefendedClassifier:
 def predict(pipeline: PipelineLike | DefendedClassifier, images: Any, *, seed: int | None = None) -> Prediction:
     """Classify ``images`` through the defended pipeline.
 
-    ``images``: a float batch [N, C, H, W] in [0, 1] (numpy or torch), or a sequence of image files
-    (paths) or encoded PNG/JPEG bytes, decoded by the serving path's decoder (``ImageError`` names
-    the image that fails)."""
+    ``images``: pixels as numpy or torch, float32 in [0, 1] (float64/float16 are cast) or uint8
+    (divided by 255), NCHW or NHWC, or one image [C, H, W] / [H, W, C] (/ [H, W] for grey models)
+    (rules: ``advshield.plugin.pixels.to_pixels``; anything else is an ``InputError`` naming the
+    expected dtype and layout); or a sequence of image files (paths) or encoded PNG/JPEG bytes,
+    decoded by the serving path's decoder (``ImageError`` names the image that fails)."""
     clf = pipeline if isinstance(pipeline, DefendedClassifier) else classifier(pipeline)
     if isinstance(images, list | tuple) and images and isinstance(images[0], str | Path | bytes):
         encoded = []

@@ -80,8 +80,9 @@ def no_data_error(cfg: PipelineConfig) -> ConfigError:
 def with_data(cfg: PipelineConfig, path: str | Path | None) -> PipelineConfig:
     """``cfg`` with ``--data PATH``: a folder of images (a folder data set), a folder holding the
     IDX files (``idx``; ``fashion-mnist`` stays so), or a .csv / .jsonl manifest. It replaces
-    ``[data]`` dataset, directory and manifest and keeps the other keys (classes, split_seed...);
-    a relative PATH is relative to the working folder, as on any command line."""
+    ``[data]`` dataset, directory and manifest and keeps the other keys (classes, split_seed...),
+    a named data set's class names included (they stay the label order); a relative PATH is
+    relative to the working folder, as on any command line."""
     if path is None or str(path) == "":
         return cfg
     p = Path(path).expanduser().resolve()
@@ -98,6 +99,10 @@ def with_data(cfg: PipelineConfig, path: str | Path | None) -> PipelineConfig:
         data = replace(cfg.data, dataset="manifest", directory="", manifest=str(p))
     else:
         raise DataError(f"--data: {p} not found")
+    if data.dataset in ("folder", "manifest") and not (cfg.data.classes or cfg.data.classes_file):
+        # the label space stays the pipeline's: a named data set's class names (Fashion-MNIST's for
+        # its pipelines) name the folders or labels of the data that replaces it
+        data = replace(data, classes=cfg.data.class_names)
     return replace(cfg, data=data)
 
 

@@ -369,6 +369,8 @@ def test_with_data_picks_the_kind(tmp_path):
     got = with_data(cfg, tmp_path / "imgs")
     assert (got.data.dataset, got.data.directory, got.data.classes, got.data.split_seed) == \
         ("folder", str(tmp_path / "imgs"), ("x", "y"), 3)
+    named = load_pipeline(pipeline(tmp_path, 'dataset = "fashion-mnist"', name="named.toml"))
+    assert with_data(named, tmp_path / "imgs").data.classes == FASHION_CLASSES  # the label space stays
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
     assert with_data(cfg, tmp_path / "idx").data.dataset == "fashion-mnist"
@@ -473,6 +475,20 @@ def test_fit_and_audit_with_data_on_a_folder(tmp_path, grey_folder, model_path, 
     assert data["evaluated_sha256"] == test.subset(0, 4).sha256()
     assert not {im.tobytes() for im in train.images} & {im.tobytes() for im in test.images}
     assert set(test.labels.tolist()) <= {FASHION_CLASSES.index("Trouser"), FASHION_CLASSES.index("Bag")}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_certify_with_data_on_a_folder(tmp_path, grey_folder, pipeline_path, capsys):
+    out = tmp_path / "cert"
+    assert main(["certify", str(pipeline_path), "--data", str(grey_folder), "--sigma", "0.25", "--n0", "10",
+                 "--n", "50", "--samples", "2", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "certify_summary.json").read_text())
+    d = summary["data"]
+    assert (d["dataset"], d["source"], d["split"], d["range"]) == ("folder", str(grey_folder), "test", [0, 2])
+    assert summary["sigmas"]["0.25"]["samples"] == 2
+    records = [json.loads(line) for line in (out / "certify_records.jsonl").read_text().splitlines()]
+    shots = {FASHION_CLASSES.index("Trouser"), FASHION_CLASSES.index("Bag")}
+    assert len(records) == 2 and {r["label"] for r in records} <= shots  # the folder's labels, not Fashion-MNIST's
 
 
 def test_predict_on_a_folder(tmp_path, grey_folder, pipeline_path, capsys):
