@@ -24,6 +24,7 @@ from PIL import Image
 from rgb_models import COLOUR_CLASSES, RESNET_STAGE1, foolbox_data_dir
 
 from advshield.attacks.audit.records import load_examples
+from advshield.cli import main
 from advshield.core.errors import ModelError
 from advshield.defenses.detector import SqueezeDetector, SqueezeDetectorConfig
 from advshield.defenses.patches import PatchReplacement, PatchReplacementConfig, extract_patches
@@ -177,6 +178,34 @@ def test_foolbox_images_form_an_image_folder(foolbox_cifar10, foolbox_imagenet):
             assert Image.open(f).mode == "RGB"
         assert tree.classes_file.read_text().split() == list(tree.classes)
     assert Image.open(foolbox_cifar10.files[0]).size == (32, 32)
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "imagenet"])
+def test_foolbox_folders_as_folder_data_sets(kind, foolbox_cifar10, foolbox_imagenet, rgb_cnn, resnet_slim):
+    """foolbox's CIFAR-10 (32x32 PNG) and ImageNet (512x512 JPEG, centre-cropped to 224) samples
+    through the folder data set, with the full class list from the classes file: every image
+    lands in one split with the label of its file name."""
+    from advshield.plugin.datasets import load_data
+
+    tree, model, extra = ((foolbox_cifar10, rgb_cnn.path, "") if kind == "cifar10"
+                          else (foolbox_imagenet, resnet_slim, 'resize = "crop"'))
+    cfg = loads_pipeline(f"""
+[model]
+path = "{Path(model).as_posix()}"
+
+[input]
+{extra}
+
+[data]
+dataset = "folder"
+directory = "{tree.root.as_posix()}"
+classes_file = "{tree.classes_file.as_posix()}"
+""")
+    size = 32 if kind == "cifar10" else 224
+    parts = [load_data(cfg, split).data for split in ("train", "test")]
+    for d in parts:
+        assert d.images.shape[1:] == (3, size, size) and d.classes == tree.classes
+    assert sorted(np.concatenate([d.labels for d in parts]).tolist()) == sorted(tree.labels)
 
 
 # --- patch replacement on 3 channels -----------------------------------------------------------------
@@ -476,6 +505,26 @@ def test_serve_rgb_png_bytes_over_grpc(pipelines, test_images):
     assert np.array_equal(got.flagged, want.flagged)
 
 
+def test_advshield_serve_command_on_rgb(pipelines, test_images, tmp_path):
+    """``advshield serve`` in its own process (port 0, the port read from its log): RGB PNG bytes
+    through the client give the in-process labels."""
+    from server_helpers import start_server
+
+    from advshield.plugin.client import RemoteClassifier
+
+    paths, _ = pipelines
+    x, _ = test_images
+    pngs = [as_png(img) for img in x[:12]]
+    want = DefendedClassifier.from_config(paths["rgb_patches"]).predict_bytes(pngs)
+    server = start_server(paths["rgb_patches"], tmp_path / "serve.log", "--host", "127.0.0.1")
+    try:
+        with RemoteClassifier(server.url) as remote:
+            got = remote.predict_bytes(pngs)
+    finally:
+        assert server.stop() == 0
+    assert np.array_equal(got.labels, want.labels) and np.array_equal(got.flagged, want.flagged)
+
+
 def test_deploy_triton_rgb(pipelines, test_images, tmp_path):
     """``advshield deploy triton``'s repository for the RGB patch + detector pipeline, served by the
     wheel's tritonserver: labels and flags equal the in-process pipeline's."""
@@ -484,7 +533,9 @@ def test_deploy_triton_rgb(pipelines, test_images, tmp_path):
 
     paths, _ = pipelines
     t0 = time.perf_counter()
-    repo = generate_repository(paths["rgb_patches"], tmp_path / "models", classifier_backend="python")
+    assert main(["deploy", "triton", str(paths["rgb_patches"]), "--out", str(tmp_path / "models"),
+                 "--classifier-backend", "python"]) == 0
+    repo = generate_repository(paths["rgb_patches"], tmp_path / "models", classifier_backend="python", overwrite=True)
     ens = repo.config("rgb_patches")
     dims = {i.name: list(i.dims) for i in ens.input}
     assert [3, 32, 32] in dims.values()
