@@ -45,6 +45,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if det:
         print(f"detector ({det['type']}): threshold {det['threshold']:.6g} at target fpr {det['fpr_target']:g} "
               f"(fpr {det['fpr_calibration']:.4f} on {det['samples']} held-out training images)")
+        if "warning" in det:
+            print(f"  warning: {det['warning']}", file=sys.stderr)
     for name, a in summary["artifacts"].items():
         print(f"artifacts.{name:<20} sha256 {a['sha256']}  {a['path']}")
         if "warning" in a:
