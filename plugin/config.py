@@ -6,17 +6,19 @@ frozen dataclass; an unknown key or a bad value raises ``ConfigError`` naming it
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 from advshield.core.data import dataset_classes
-from advshield.core.errors import ArtifactError, ConfigError
+from advshield.core.errors import ArtifactError, ConfigError, ModelError
 from advshield.core.hashing import sha256_file
 from advshield.core.validation import check, from_mapping, to_mapping
 from advshield.defenses.registry import parse_defense, parse_detector
+from advshield.plugin.model_io import GraphInfo, WrappedModel, load_model, read_graph, resolve_shape
 from advshield.plugin.smoothing import SmoothingConfig
 
 
@@ -38,8 +40,17 @@ class ModelSpec:
     sha256: str = ""  # verified when given
     surrogate: str = ""  # independently trained model for transfer attacks
     parity_tolerance: float = 1e-3  # max |logit difference| between the twin and ONNX Runtime
-    threads: int = 0  # ONNX Runtime intra-op threads; 0 = number of cores (at most 4)
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 = the CPUs this process may use (affinity, quota)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the model as exported; advshield wraps it so that it takes float32 NCHW pixels in [0, 1]
+    # (plugin/model_io.py): model input = (pixels * scale - mean) / std, transposed for NHWC
+    mean: tuple[float, ...] = ()  # per channel (or one value), in the model's input units; () = none
+    std: tuple[float, ...] = ()  # per channel (or one value); () = none
+    scale: float = 1.0  # 255.0 for a model that takes 0-255 pixels
+    layout: Literal["auto", "nchw", "nhwc"] = "auto"  # auto: read from the graph's input
+    output: Literal["auto", "logits", "probabilities", "log_probabilities"] = "auto"  # auto: detected
+    classes: tuple[str, ...] = ()  # class names in output order
+    classes_file: str = ""  # one class name per line (relative to the pipeline file)
 
     def __post_init__(self) -> None:
         check(bool(self.path), "model.path: must name an ONNX file")
@@ -49,29 +60,54 @@ class ModelSpec:
         )
         check(self.parity_tolerance > 0, f"model.parity_tolerance: must be > 0, got {self.parity_tolerance}")
         check(self.threads >= 0, f"model.threads: must be >= 0, got {self.threads}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            check(len(values) in (0, 1, 3), f"model.{key}: give one value or one per channel (1 or 3), got {len(values)}")
+            check(all(math.isfinite(v) for v in values), f"model.{key}: values must be finite, got {list(values)}")
+        check(all(v > 0 for v in self.std), f"model.std: every value must be > 0, got {list(self.std)}")
+        check(math.isfinite(self.scale) and self.scale > 0, f"model.scale: must be > 0, got {self.scale}")
+        check(not (self.classes and self.classes_file), "model: give classes or classes_file, not both")
+        check(all(c for c in self.classes), "model.classes: class names must be non-empty strings")
+        dup = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        check(not dup, f"model.classes: duplicate class name{'s' if len(dup) > 1 else ''} {', '.join(map(repr, dup))}")
+
+    @property
+    def normalized(self) -> bool:
+        """True when the model takes something else than [0, 1] pixels (scale, mean or std set)."""
+        return self.scale != 1.0 or bool(self.mean) or bool(self.std)
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    channels: int = 1
-    height: int = 28
-    width: int = 28
+    channels: int = 0  # 0 (default): read from the model when the pipeline is loaded
+    height: int = 0
+    width: int = 0
     resize: Literal["exact", "resize", "crop"] = "exact"  # exact: wrong size is an error; resize: bilinear
     # to HxW; crop: shorter side to round(max(H, W) / crop_fraction), then the centre HxW (bilinear)
     crop_fraction: float = 0.875  # the share of the resized image the centre crop keeps (ImageNet: 0.875)
     color: Literal["convert", "strict"] = "convert"  # strict: grey model rejects colour images
     max_bytes: int = 4 << 20  # encoded size limit
     max_pixels: int = 4096 * 4096  # decoded size limit (decompression bombs)
+    # why channels/height/width are still 0 (set when the pipeline is loaded without its model file)
+    _unresolved: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check(self.channels in (1, 3), f"input.channels: must be 1 or 3, got {self.channels}")
-        check(self.height >= 1 and self.width >= 1, f"input: height and width must be >= 1, got {self.height}x{self.width}")
+        check(self.channels in (0, 1, 3), f"input.channels: must be 1 or 3, got {self.channels} (0 or absent: read from the model)")
+        check(self.height >= 0 and self.width >= 0, f"input: height and width must be >= 1, got {self.height}x{self.width}")
         check(self.max_bytes >= 64, f"input.max_bytes: must be >= 64, got {self.max_bytes}")
         check(0.0 < self.crop_fraction <= 1.0, f"input.crop_fraction: must be within (0, 1], got {self.crop_fraction}")
         check(self.max_pixels >= self.height * self.width, f"input.max_pixels: must be >= height*width = {self.height * self.width}, got {self.max_pixels}")
 
     @property
+    def resolved(self) -> bool:
+        """True once channels, height and width are known (given, or read from the model)."""
+        return self.channels > 0 and self.height > 0 and self.width > 0
+
+    @property
     def shape(self) -> tuple[int, int, int]:
+        if not self.resolved:
+            raise ConfigError(self._unresolved or "input: channels, height and width are not known: they are read "
+                              "from the model when the pipeline file is loaded (or give them in [input])")
         return (self.channels, self.height, self.width)
 
 
@@ -231,6 +267,9 @@ class PipelineConfig:
     artifacts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     gate: GateSpec = field(default_factory=GateSpec)
     extra: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # sections of later stages
+    # read from the model file when the pipeline is loaded (None while the file is missing)
+    graph: GraphInfo | None = field(default=None, compare=False)
+    model_class_names: tuple[str, ...] = ()  # [model] classes, or the lines of classes_file
 
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -243,6 +282,42 @@ class PipelineConfig:
     @property
     def surrogate_path(self) -> Path | None:
         return self.resolve(self.model.surrogate) if self.model.surrogate else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The model's number of classes K as its graph declares it (None: not known without running it)."""
+        return self.graph.num_classes if self.graph is not None else None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The K class names in the model's output order: [model] classes (or classes_file), else the
+        data set's class names, else "0" .. "K-1". A list whose length is not the model's K is a
+        ``ConfigError`` naming both."""
+        k = self.num_classes
+        if not k and self.model_path.is_file():
+            try:  # a class dimension the graph leaves open: the wrapped model ran a probe batch
+                k = self.wrapped_model().num_classes
+            except ModelError:
+                k = None
+        names, where = self.model_class_names, "model.classes"
+        if not names:
+            names, where = self.data.class_names_at(self.root), "data (its class names)"
+        if names:
+            if k and len(names) != k:
+                raise ConfigError(f"{where}: the pipeline names {len(names)} classes but {self.model_path.name} "
+                                  f"outputs {k}")
+            return tuple(names)
+        if not k:
+            raise ConfigError(f"model: the class names are read from the model, and the model file {self.model_path} "
+                              f"is missing (create it, or give classes in [model])")
+        return tuple(str(i) for i in range(k))
+
+    def wrapped_model(self) -> WrappedModel:
+        """The model wrapped as [model] describes it: float32 NCHW pixels in [0, 1] -> logits
+        (``plugin/model_io.py``; remembered per file and spec)."""
+        if not self.model_path.is_file():
+            raise ModelError(f"ONNX model not found: {self.model_path}")
+        return load_model(self.model_path, self.model, input_shape=self.input.shape)
 
     @property
     def random(self) -> bool:
@@ -330,7 +405,7 @@ def parse_pipeline(table: dict[str, Any], root: Path, source: Path | None = None
     if "smoothing" in table:  # validated now, built by the defended classifier
 
         from_mapping(SmoothingConfig, table["smoothing"], "smoothing")
-    return PipelineConfig(
+    return resolve_model(PipelineConfig(
         root=root,
         source=source,
         pipeline=from_mapping(PipelineInfo, table.get("pipeline", {}), "pipeline"),
@@ -342,7 +417,34 @@ def parse_pipeline(table: dict[str, Any], root: Path, source: Path | None = None
         artifacts=artifacts,
         gate=from_mapping(GateSpec, table.get("gate", {}), "gate"),
         extra=extra,
-    )
+    ))
+
+
+def resolve_model(cfg: PipelineConfig) -> PipelineConfig:
+    """Fill in what the model decides: ``[input]`` channels/height/width left at 0 are read from
+    the graph's input (the graph only, no weights), [model] classes/classes_file are read, and a
+    given value the model contradicts is a ``ConfigError`` naming both sides. While the model file
+    does not exist, the input stays unresolved (using its shape says the file is missing)."""
+    m = cfg.model
+    names = m.classes or (read_class_file(cfg.resolve(m.classes_file), "model.classes_file") if m.classes_file else ())
+    path = cfg.model_path
+    if not path.is_file():
+        if not cfg.input.resolved:
+            object.__setattr__(cfg.input, "_unresolved",
+                               f"input: the input shape is read from the model, and the model file {path} is missing "
+                               f"(create it, or give channels, height and width in [input])")
+        return replace(cfg, model_class_names=names)
+    graph = read_graph(path, m.layout)
+    inp = cfg.input
+    c, h, w = resolve_shape(graph, (inp.channels, inp.height, inp.width))
+    for key in ("mean", "std"):
+        values = getattr(m, key)
+        check(len(values) in (0, 1, c), f"model.{key}: give one value or one per channel ({c} for {path.name}), "
+                                        f"got {len(values)}")
+    cfg = replace(cfg, input=replace(inp, channels=c, height=h, width=w), graph=graph, model_class_names=names)
+    if cfg.num_classes:
+        _ = cfg.class_names  # a class list of the wrong length is an error now, not at the first prediction
+    return cfg
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:

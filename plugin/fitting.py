@@ -40,7 +40,7 @@ from advshield.core.resources import inside_package
 from advshield.core.validation import check, from_mapping
 from advshield.defenses.base import verify_artifact
 from advshield.defenses.registry import build_defense, build_detector
-from advshield.plugin.classifiers import OnnxClassifier
+from advshield.plugin.classifiers import classifier_from_config
 from advshield.plugin.datasets import load_data
 from advshield.plugin.pipeline import DefendedClassifier
 from advshield.plugin.split import IMAGE_LAYER, attach_feature_defenses, bind_feature_extractors, layer_of
@@ -181,7 +181,7 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
                 record(name)
 
     if detector is not None:
-        clf = classifier or OnnxClassifier(cfg.model_path, device=cfg.model.device, threads=cfg.model.threads)
+        clf = classifier or classifier_from_config(cfg)
         clf, image_steps = attach_feature_defenses(cfg, clf, steps)
         names = train.classes if len(train.classes) == clf.num_classes else ()  # only labels the scores
         pipeline = DefendedClassifier(clf, image_steps, names, cfg, detector=detector)

@@ -83,7 +83,8 @@ class GraphInfo:
 
     @property
     def num_classes(self) -> int | None:
-        k = self.output_dims[-1] if self.output_dims else None
+        """K of a [batch, K] output (None: not fixed in the graph, or not a classifier's output)."""
+        k = self.output_dims[-1] if len(self.output_dims) == 2 else None
         return k if isinstance(k, int) and k > 0 else None
 
     def describe_input(self) -> str:

@@ -76,7 +76,13 @@ def cmd_info(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"pipeline  {cfg.pipeline.name}  ({cfg.source})")
-    print(f"input     {cfg.input.channels}x{cfg.input.height}x{cfg.input.width}, resize={cfg.input.resize}")
+    m = report["model"]
+    norm = ", ".join(f"{k} {v}" for k, v in (("scale", m["scale"]), ("mean", m["mean"]), ("std", m["std"]))
+                     if v not in (1.0, [])) or "none (pixels in [0, 1])"
+    print(f"input     {m['input']} pixels in [0, 1], resize={cfg.input.resize}")
+    print(f"model     input {m['model_input']}, normalization: {norm}, output: {m['output']}, "
+          f"batch: {'fixed ' + str(m['batch']) if m['batch'] != 'dynamic' else 'dynamic'}, {m['classes']} classes")
+    print(f"wrapped   {m['wrapped_sha256']}  ({'; '.join(m['wrapped']) if m['wrapped'] else 'the file as it is'})")
     print(f"defenses  {', '.join(report['defenses']) or '(none)'}")
     print(f"detector  {report['detector'] or '(none)'}")
     print(f"random    {cfg.random}")
