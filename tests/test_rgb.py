@@ -310,23 +310,12 @@ def imagenet_batch(n: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arr).transpose(0, 3, 1, 2).astype(np.float32) / 255)
 
 
-def test_resnet_feature_layer_split_fit_and_twin(resnet_slim, tmp_path):
-    """Patch replacement on the output of ResNet's first bottleneck stage: the cut separates the
-    graph (a tensor inside a residual block does not), the codebook is learnt on that layer's
-    features, the served split model runs head -> replacement -> tail, and its differentiable twin
-    matches it segment by segment and passes gradients (BPDA)."""
-    from advshield.plugin.split import candidate_tensors, split_model, twin_of_split
-
-    cands = {t.name: t.shape for t in candidate_tensors(resnet_slim)}
-    assert cands[RESNET_STAGE1][1:] == (64, 56, 56)
-    with pytest.raises(ModelError, match="does not separate"):
-        split_model(resnet_slim, ["/layer1/layer1.2/conv3/Conv_output_0"])  # the shortcut also reads the block input
-    text = f"""
+RESNET_FEATURE = """
 [pipeline]
 name = "r50_feature"
 
 [model]
-path = "{resnet_slim.as_posix()}"
+path = "{model}"
 
 [input]
 channels = 3
@@ -335,7 +324,7 @@ width = 224
 
 [[defenses]]
 type = "patch_replacement"
-layer = "{RESNET_STAGE1}"
+layer = "{layer}"
 depth = 8
 radius = 1
 stride = 3
@@ -349,16 +338,41 @@ artifact = "stage1"
 
 [artifacts.stage1]
 path = "artifacts/stage1.npy"
+
+[deploy]
+max_batch_size = 8
 """
-    cfg = loads_pipeline(text, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def resnet_feature_pipeline(resnet_slim, tmp_path_factory):
+    """Patch replacement on ResNet's first-stage output, its codebook learnt on that layer's
+    features of six foolbox ImageNet images (the defense's own fit, the model's head bound)."""
     from advshield.plugin.split import bind_feature_extractors
 
+    path = tmp_path_factory.mktemp("r50_feature") / "r50_feature.toml"
+    path.write_text(RESNET_FEATURE.format(model=resnet_slim.as_posix(), layer=RESNET_STAGE1))
+    cfg = load_pipeline(path)
     step = build_defense(cfg.defenses[0].type, cfg.defenses[0].config)
     assert bind_feature_extractors(cfg, [step]) == 1
-    x = imagenet_batch(8)
-    step.fit(x[:6], {"stage1": cfg.artifact_path("stage1")}, seed=0, progress=False)
+    step.fit(imagenet_batch(6), {"stage1": cfg.artifact_path("stage1")}, seed=0, progress=False)
     assert step.codebooks.centroids.shape == (8, 32, 72)  # 64 channels / depth 8, 3x3x8 patches
-    clf = DefendedClassifier.from_config(cfg)
+    return path
+
+
+def test_resnet_feature_layer_split_fit_and_twin(resnet_slim, resnet_feature_pipeline):
+    """Patch replacement on the output of ResNet's first bottleneck stage: the cut separates the
+    graph (a tensor inside a residual block does not), the codebook is learnt on that layer's
+    features, the served split model runs head -> replacement -> tail, and its differentiable twin
+    matches it segment by segment and passes gradients (BPDA)."""
+    from advshield.plugin.split import candidate_tensors, split_model, twin_of_split
+
+    cands = {t.name: t.shape for t in candidate_tensors(resnet_slim)}
+    assert cands[RESNET_STAGE1][1:] == (64, 56, 56)
+    with pytest.raises(ModelError, match="does not separate"):
+        split_model(resnet_slim, ["/layer1/layer1.2/conv3/Conv_output_0"])  # the shortcut also reads the block input
+    x = imagenet_batch(8)
+    clf = DefendedClassifier.from_config(resnet_feature_pipeline)
     split = clf.classifier
     assert split.cuts == (RESNET_STAGE1,) and clf.num_classes == 1000
     pred = clf.predict(x[:4])
@@ -553,6 +567,28 @@ def test_deploy_triton_rgb(pipelines, test_images, tmp_path):
     assert np.array_equal(got.flagged, want.flagged)
     np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
     assert time.perf_counter() - t0 < 300
+
+
+def test_deploy_triton_resnet_feature_layer(resnet_feature_pipeline, tmp_path):
+    """The ResNet split at its first stage's output as a Triton ensemble (head -> replacement ->
+    tail, tensor names with '/' as the exporter writes them): the in-process labels and scores."""
+    from advshield.deploy.triton import generate_repository, serve_repository
+    from advshield.plugin.client import RemoteClassifier
+
+    repo = generate_repository(resnet_feature_pipeline, tmp_path / "models", classifier_backend="python")
+    seg0 = repo.config("r50_feature__segment0")
+    assert [(o.name, list(o.dims)) for o in seg0.output] == [(RESNET_STAGE1, [64, 56, 56])]
+    x = imagenet_batch(4)
+    server = serve_repository(repo, log_path=tmp_path / "triton.log", threads=1)
+    try:
+        with RemoteClassifier(server.url, "r50_feature") as remote:
+            assert remote.input_shape == (3, 224, 224) and remote.num_classes == 1000
+            got = remote.predict(x)
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
+    want = DefendedClassifier.from_config(resnet_feature_pipeline).predict(x)
+    assert np.array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
 
 
 def test_class_names_of_the_colour_folder(colour_folder):
