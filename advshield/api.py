@@ -27,6 +27,7 @@ from advshield.attacks.certify import CertifyResult, certify_pipeline, certify_s
 from advshield.core.errors import ImageError
 from advshield.core.resources import copy_examples as _copy_examples
 from advshield.deploy.triton import Repository, generate_repository
+from advshield.init_pipeline import InitResult, init_pipeline
 from advshield.plugin.classifiers import classifier_from_config, set_torch_threads, twin_from_config
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.config import load_pipeline as _load_pipeline
@@ -188,6 +189,16 @@ def copy_examples(dest: str | Path, *, overwrite: bool = False) -> list[Path]:
     return _copy_examples(dest, overwrite=overwrite)
 
 
+def init(model: str | Path, data: str | Path | None = None, out: str | Path | None = None, *,
+         name: str | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = (), scale: float = 1.0,
+         layout: str = "auto", overwrite: bool = False) -> InitResult:
+    """Write a pipeline file for an ONNX model and an image folder or manifest (input spec,
+    layout, batch, output kind and classes read from the model and the folder; commented defense
+    examples; a gate with a robustness threshold). The file is loaded back before returning."""
+    return init_pipeline(model, data, out, name=name, mean=mean, std=std, scale=scale, layout=layout,
+                         overwrite=overwrite)
+
+
 __all__ = [
     "AuditResult",
     "CertifyResult",
@@ -200,6 +211,7 @@ __all__ = [
     "deploy_triton",
     "fit",
     "info",
+    "init",
     "load_pipeline",
     "predict",
     "serve",
