@@ -70,3 +70,33 @@ def test_console_command():
     out = subprocess.run(["advshield", "--version"], capture_output=True, text=True, check=True,
                          env={"PATH": str(Path(sys.executable).parent)})
     assert out.stdout.strip() == f"advshield {advshield.__version__}"
+
+
+def _torch_pin() -> str:
+    """The torch the set-up promises: what `make setup` wrote into the venv's constraints file, else
+    the Makefile's TORCH_SPEC default."""
+    root = Path(__file__).resolve().parent.parent
+    constraints = Path(sys.prefix) / "constraints.txt"
+    if constraints.is_file():
+        return constraints.read_text().strip()
+    for line in (root / "Makefile").read_text().splitlines():
+        if line.startswith("TORCH_SPEC"):
+            return line.split("=", 1)[1].strip().lstrip("=").strip()
+    raise AssertionError("no TORCH_SPEC in the Makefile")
+
+
+def test_installed_torch_is_the_pinned_build():
+    """`pip install -e .[test]` must not replace the pinned CPU torch (onnx2torch pulls torchvision,
+    whose newest release pins a newer CUDA torch): the installed torch is the pin, and no NVIDIA
+    CUDA wheels came along with a CPU pin."""
+    spec = _torch_pin()
+    assert spec.startswith("torch"), spec
+    if "==" not in spec:
+        return  # an unpinned TORCH_SPEC elsewhere (make TORCH_SPEC=torch ...): nothing promised
+    want = spec.split("==", 1)[1]
+    have = importlib.metadata.version("torch")
+    assert have == want, f"installed torch {have}, the set-up pins {spec}"
+    if want.endswith("+cpu"):
+        cuda = sorted(d.metadata["Name"] for d in importlib.metadata.distributions()
+                      if (d.metadata["Name"] or "").lower().startswith("nvidia-") and "pytriton" not in d.metadata["Name"].lower())
+        assert not cuda, f"CUDA wheels installed next to a CPU torch: {cuda}"
