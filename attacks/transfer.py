@@ -10,6 +10,7 @@ examples are then checked and re-scored through the target's serving path like a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,18 @@ class Ensemble(torch.nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def load_surrogates(paths: Sequence[str | Path], *, device: str = "auto", tolerance: float = 1e-3) -> list[torch.nn.Module]:
-    """Surrogate ONNX files as differentiable twins (each parity-checked against ONNX Runtime)."""
+def load_surrogates(paths: Sequence[str | Path], *, device: str = "auto", tolerance: float = 1e-3,
+                    spec: Any = None) -> list[torch.nn.Module]:
+    """Surrogate ONNX files as differentiable twins (each parity-checked against ONNX Runtime).
+    ``spec``: the pipeline's ``ModelSpec``; a surrogate takes the same preprocessing as the model
+    (scale, mean/std, layout), its output kind detected on its own."""
     if not paths:
         raise InputError("no surrogate model given (pipeline [model] surrogate = \"...onnx\")")
-    return [TwinClassifier(p, device=device, tolerance=tolerance, validate=False) for p in paths]
+    out = []
+    for p in paths:
+        own = None if spec is None else replace(spec, path=str(p), sha256="", output="auto", classes=(), classes_file="")
+        out.append(TwinClassifier(p, device=device, tolerance=tolerance, validate=False, spec=own))
+    return out
 
 
 def surrogate_model(surrogates: Sequence[Callable[[torch.Tensor], torch.Tensor]], defenses: Sequence[Any] = (),

@@ -136,7 +136,7 @@ def set_torch_threads(threads: int = 0) -> int:
     return n
 
 
-def _run_in_chunks(run, x, batch: int | None, cat, pad):
+def run_in_chunks(run, x, batch: int | None, cat, pad):
     """``run`` on ``x`` in chunks of a fixed ``batch`` (the last one padded), or whole."""
     if batch is None or len(x) == batch:
         return run(x)
@@ -148,11 +148,11 @@ def _run_in_chunks(run, x, batch: int | None, cat, pad):
     return cat(outs)
 
 
-def _pad_np(chunk: np.ndarray, k: int) -> np.ndarray:
+def pad_numpy(chunk: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([chunk, np.zeros((k, *chunk.shape[1:]), chunk.dtype)])
 
 
-def _pad_torch(chunk: torch.Tensor, k: int) -> torch.Tensor:
+def pad_torch(chunk: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([chunk, chunk.new_zeros((k, *chunk.shape[1:]))])
 
 
@@ -207,7 +207,7 @@ class OnnxClassifier:
         x = np.ascontiguousarray(x, np.float32)
         if len(x) == 0:
             return np.zeros((0, self.num_classes), np.float32)
-        return _run_in_chunks(self._run, x, self.batch, np.concatenate, _pad_np)
+        return run_in_chunks(self._run, x, self.batch, np.concatenate, pad_numpy)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.validate:
@@ -427,4 +427,4 @@ class TwinClassifier(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.validate:
             validate_batch(x, self.input_shape)
-        return _run_in_chunks(self.net, x.to(self.device), self.batch, torch.cat, _pad_torch)
+        return run_in_chunks(self.net, x.to(self.device), self.batch, torch.cat, pad_torch)

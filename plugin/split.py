@@ -40,9 +40,12 @@ from advshield.plugin.classifiers import (
     TwinClassifier,
     default_threads,
     onnx_to_torch,
+    pad_numpy,
+    pad_torch,
     parity,
     parity_batch,
     pick_device,
+    run_in_chunks,
     validate_batch,
 )
 from advshield.plugin.model_io import WrappedModel
@@ -69,6 +72,23 @@ def _load(model: Any):
         return onnx.load(str(path))
     except Exception as e:
         raise ModelError(f"cannot read ONNX model {path}: {e}") from None
+
+
+def fixed_batch(model) -> int | None:
+    """The batch size a graph fixes on its (first) input, or None for a dynamic batch."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
+
+class Chunked(torch.nn.Module):
+    """A torch segment of a fixed-batch model, run in chunks of that batch (the last one padded)."""
+
+    def __init__(self, net: torch.nn.Module, batch: int | None) -> None:
+        super().__init__()
+        self.net, self.batch = net, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_in_chunks(self.net, x, self.batch, torch.cat, pad_torch)
 
 
 def _inferred(model):
@@ -166,6 +186,8 @@ class OnnxSegment:
     def __init__(self, proto, *, device: str = "auto", threads: int = 0) -> None:
         import onnxruntime as ort
 
+        self.batch = fixed_batch(proto)  # a fixed-batch model's segments keep its batch: run in chunks
+
         available = ort.get_available_providers()
         use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
         so = ort.SessionOptions()
@@ -184,8 +206,11 @@ class OnnxSegment:
     def __repr__(self) -> str:
         return f"OnnxSegment({self.input_name} -> {self.output_name})"
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return run_in_chunks(self._run, x, self.batch, np.concatenate, pad_numpy)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.run(x.detach().cpu().numpy())).to(x.device)
@@ -297,7 +322,7 @@ def split_twin(model_path: str | Path | WrappedModel, layer_steps: Mapping[str, 
     model = _load(model_path)
     cuts, steps, segments = _group(layer_steps, model)
     dev = pick_device(device)
-    modules = [onnx_to_torch(s).to(dev) for s in segments]
+    modules = [Chunked(onnx_to_torch(s), fixed_batch(s)).to(dev) for s in segments]
     ref = OnnxClassifier(model_path, device="cpu", validate=False)
     plain = SplitClassifier(modules, [[] for _ in cuts], input_shape=ref.input_shape, num_classes=ref.num_classes,
                             cuts=cuts, validate=False, device=dev)
@@ -324,7 +349,7 @@ def twin_of_split(split: SplitClassifier, *, device: str = "auto", tolerance: fl
         raise ModelError(f"cannot build a differentiable twin of a split model with segments {kinds}: "
                          f"expected ONNX Runtime segments (split_onnx_classifier) or torch modules")
     dev = pick_device(device)
-    modules = [onnx_to_torch(s.proto).to(dev) for s in onnx_segments]
+    modules = [Chunked(onnx_to_torch(s.proto), s.batch).to(dev) for s in onnx_segments]
     twin = SplitClassifier(modules, split.steps, input_shape=split.input_shape, num_classes=split.num_classes,
                            cuts=split.cuts, validate=validate, bpda=bpda, device=dev)
     twin.parity = check_segments(split, twin, tolerance, check_with)

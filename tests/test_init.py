@@ -101,7 +101,8 @@ def _defended(text: str) -> str:
                   '# [artifacts.squeeze_threshold]\n# path = "artifacts/squeeze_threshold.json"'):
         assert block in text, block
         text = text.replace(block, block.replace("# ", ""))
-    return text.replace('{ type = "bit_depth", bits = 4 }', '{ type = "bit_depth", bits = 5 }')
+    text = text.replace('{ type = "bit_depth", bits = 4 }', '{ type = "bit_depth", bits = 5 }')
+    return text.replace("\n[audit]\n", "\n[audit]\nprobe_samples = 6   # masking probes on a few samples: a quick test\nprobe_restarts = 2\n")
 
 
 def test_new_user_fit_audit_serve_deploy(zoo, tmp_path):
@@ -152,3 +153,50 @@ def test_new_user_fit_audit_serve_deploy(zoo, tmp_path):
         assert triton.stop() == 0, triton.log()[-3000:]
     assert np.array_equal(served.labels, want.labels) and np.array_equal(served.flagged, want.flagged)
     np.testing.assert_allclose(served.probs, want.probs, atol=1e-4)
+
+
+def test_feature_layer_defense_on_the_fixed_batch_model(zoo, tmp_path):
+    """Patch replacement between head and tail of the batch-4 zoo export: the split segments run in
+    chunks of 4 (7 images give the labels of one-by-one calls), its twin matches segment by segment
+    and passes gradients, and the split's fit learns the codebook from the folder."""
+    from advshield.api import init
+    from advshield.plugin.fitting import FitSpec, fit_pipeline
+    from advshield.plugin.split import candidate_tensors, twin_of_split
+
+    work, model, trained = zoo
+    base = init(model, work / "images", work / "zoo_base.toml", mean=MEAN, std=STD, overwrite=True).path
+    cfg0 = load_pipeline(base)
+    wrapped = cfg0.wrapped_model().proto()
+    cands = [t for t in candidate_tensors(wrapped) if t.op_type == "Relu" and isinstance(t.shape[1], int)]
+    layer = cands[0]
+    assert layer.shape[0] == 4  # the export fixes the batch of its feature tensors too
+    text = base.read_text() + f'''
+[[defenses]]
+type = "patch_replacement"
+layer = "{layer.name}"
+depth = {layer.shape[1]}
+radius = 1
+stride = 2
+codewords = 64
+sample = 8192
+fit_images = 100
+artifact = "feature_codebook"
+
+[artifacts.feature_codebook]
+path = "artifacts/feature_codebook.npy"
+'''
+    path = work / "zoo_feature.toml"
+    path.write_text(text)
+    cfg = load_pipeline(path)
+    fit_pipeline(cfg, FitSpec(samples=100), progress=False)
+    clf = DefendedClassifier.from_config(cfg)
+    x = torch.from_numpy(trained.test.images[:7].astype(np.float32) / 255)
+    pred = clf.predict(x)
+    one_by_one = np.concatenate([clf.predict(x[i : i + 1]).labels for i in range(7)])
+    assert np.array_equal(pred.labels, one_by_one)
+    assert (pred.labels == trained.test.labels[:7]).mean() >= 5 / 7
+    twin = twin_of_split(clf.classifier, check_with=x)
+    assert max(twin.parity) < 1e-3
+    xg = x[:5].clone().requires_grad_(True)
+    twin(xg)[:, 0].sum().backward()
+    assert torch.isfinite(xg.grad).all() and float(xg.grad.abs().sum()) > 0

@@ -85,7 +85,8 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
         model.detector_weight = spec.detector_weight
     surrogate = None
     if cfg.surrogate_path is not None and any(e.transfer for e in spec.entries) and spec.transfer:
-        members = load_surrogates([cfg.surrogate_path], device=cfg.model.device, tolerance=cfg.model.parity_tolerance)
+        members = load_surrogates([cfg.surrogate_path], device=cfg.model.device, tolerance=cfg.model.parity_tolerance,
+                                   spec=cfg.model)
         surrogate = surrogate_model(members, model.defenses, eot_samples=model.eot_samples, seed=spec.seed)
     attacked = feature_steps(model.classifier)
     mode = {
