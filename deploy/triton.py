@@ -26,6 +26,7 @@ override them.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,8 @@ MANIFEST = "advshield-manifest.json"
 CACHE_BYTES = 64 << 20  # local response cache of a server started by serve_repository, when a model uses it
 VERSION = P.MODEL_VERSION
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeploySpec:
@@ -345,6 +348,14 @@ def generate_repository(pipeline: PipelineConfig | str | Path, out: str | Path, 
         squeezers = len(det.squeezers)
     wrapped = cfg.wrapped_model()  # what the classifier serves: pixels in [0, 1] NCHW (plugin/model_io.py)
     full = wrapped.proto()
+    chosen = overrides.get("classifier_backend") is not None or "classifier_backend" in cfg.extra.get("deploy", {})
+    if wrapped.batch and spec.classifier_backend == "onnxruntime" and not chosen:
+        # Triton's onnxruntime backend batches requests; a fixed-batch export cannot take them, the
+        # Python-backend classifier runs it in chunks of its batch
+        log.warning("%s has a fixed batch of %d: the classifier step uses the Python backend (ONNX Runtime in chunks "
+                    "of %d); export with a dynamic batch axis to use Triton's onnxruntime backend",
+                    cfg.model_path.name, wrapped.batch, wrapped.batch)
+        spec = replace(spec, classifier_backend="python")
     # the Python-backend classifier runs a fixed-batch model in chunks of its batch; the onnxruntime backend cannot
     batching = spec.classifier_backend == "onnxruntime"
     model_io = _onnx_io(full, str(cfg.model_path), batching=batching)

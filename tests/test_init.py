@@ -144,7 +144,10 @@ def test_new_user_fit_audit_serve_deploy(zoo, tmp_path):
     assert np.array_equal(got.labels, want.labels) and np.array_equal(got.flagged, want.flagged)
 
     repo_dir = tmp_path / "models"
-    assert main(["deploy", "triton", str(out), "--out", str(repo_dir), "--classifier-backend", "python"]) == 0
+    # no backend named: the fixed-batch export gets the Python-backend classifier (chunks of 4), which
+    # is also the one the wheel's CPU tritonserver has
+    assert main(["deploy", "triton", str(out), "--out", str(repo_dir)]) == 0
+    assert 'backend: "python"' in (repo_dir / f"{cfg.pipeline.name}__classifier" / "config.pbtxt").read_text()
     triton = serve_repository(repo_dir, [cfg.pipeline.name], log_path=tmp_path / "triton.log", threads=1)
     try:
         with RemoteClassifier(triton.url, cfg.pipeline.name) as remote:
