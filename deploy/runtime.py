@@ -70,17 +70,19 @@ def check_stub_numpy(pb_utils) -> None:
 
 
 def parse_seed(params: Mapping[str, Any] | str | None) -> int | None:
-    """The ``seed`` request parameter (Triton hands parameters over as a JSON string): an integer
-    in [0, 2**63) or a string of digits; anything else is a ``RequestError`` (as advshield serve)."""
-    if isinstance(params, str):
-        params = json.loads(params or "{}")
-    if not params or P.PARAM_SEED not in params:
+    """The ``seed`` request parameter (Triton hands parameters over as a JSON string), checked as
+    ``advshield serve`` checks it (``protocol.parse_seed``); a bad one is a ``RequestError``."""
+    try:
+        if isinstance(params, str):
+            params = json.loads(params or "{}")
+    except ValueError:
+        raise RequestError("request parameters are not a JSON object") from None
+    if not isinstance(params, Mapping) or P.PARAM_SEED not in params:
         return None
-    given = params[P.PARAM_SEED]
-    value = int(given) if isinstance(given, str) and given.strip().isdigit() else given
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < P.SEED_LIMIT:
-        raise RequestError(f"parameter 'seed' must be an integer in [0, 2**63), got {given!r}")
-    return value
+    try:
+        return P.parse_seed(params[P.PARAM_SEED])
+    except P.ParameterError as e:
+        raise RequestError(str(e)) from None
 
 
 def new_seed() -> int:

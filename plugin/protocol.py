@@ -24,7 +24,8 @@ is written down here, once:
   (``max_batch_size > 0``) shows the client ``[batch] + dims`` and ``dims`` cannot be empty, so
   per-image scalars are ``dims: [1]`` there. Both servers use that shape.
 
-* request parameter ``seed`` (int64, 0 <= seed < 2**63): seeds the pipeline's random defenses
+* request parameter ``seed`` (int64 0 <= seed < 2**63, or a string of 1 to 19 ASCII digits of
+  such a number; anything else is INVALID_ARGUMENT naming the parameter: ``parse_seed``): seeds the pipeline's random defenses
   for this request; without it the server draws one. A random pipeline returns the seed it used
   as the response parameter ``seed``; a deterministic pipeline returns no seed.
 * model config parameters (``ModelConfig.parameters``, string values): ``class_names`` (JSON
@@ -35,7 +36,9 @@ is written down here, once:
   for an unknown model or version, UNAUTHENTICATED without a valid bearer token (metadata
   ``authorization: Bearer <token>``), RESOURCE_EXHAUSTED when the in-flight bound or the message
   size limit is hit, DEADLINE_EXCEEDED past the request's deadline, UNAVAILABLE while shutting
-  down.
+  down. Client-supplied strings (names, ids, parameter values) appear in messages and logs
+  clipped to ``ECHO_LIMIT`` characters with their length (``quoted``), so the code is the one
+  named here, never RESOURCE_EXHAUSTED from error metadata over gRPC's 16 KiB.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ CONFIG_RANDOM = "random"
 AUTH_HEADER = "authorization"  # value: "Bearer <token>"
 
 SEED_LIMIT = 2**63
+SEED_DIGITS = 19  # a string seed: at most this many ASCII digits (2**63 - 1 has 19)
+ECHO_LIMIT = 64  # characters of a client-supplied string that an error message or log line repeats
 
 # KServe datatype -> (numpy dtype on the wire, Triton model-config enum name)
 DATATYPES = {
@@ -123,6 +128,42 @@ def model_config(name: str, *, channels: int, height: int, width: int, num_class
     cfg.parameters[CONFIG_DETECTOR].string_value = detector
     cfg.parameters[CONFIG_RANDOM].string_value = "true" if random else "false"
     return cfg
+
+
+# --- request parameters and client-supplied strings ---------------------------------------------
+
+class ParameterError(ValueError):
+    """A request parameter has a value outside the contract."""
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """A client-supplied string as a log line may carry it: at most ``limit`` characters, then
+    ``...`` and the original length."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
+def quoted(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr`` of a client-supplied value for an error message, clipped: a string to ``limit``
+    characters, a list to its first 8 items, each with the original length."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}...({len(value)} characters)"
+    if isinstance(value, list | tuple):
+        items = ", ".join(quoted(v, limit) for v in value[:8])
+        return f"[{items}]" if len(value) <= 8 else f"[{items}, ...]({len(value)} items)"
+    return clip(repr(value), limit)
+
+
+def parse_seed(given: object) -> int:
+    """The ``seed`` request parameter, as either server received it (an int64/uint64 parameter,
+    or a string): an integer in [0, 2**63), or 1 to ``SEED_DIGITS`` ASCII digits of one.
+    Anything else (bool, float, signs, spaces, other scripts' digits) is a ``ParameterError``."""
+    value: object = given
+    if isinstance(given, str) and given.isascii() and given.isdigit() and len(given) <= SEED_DIGITS:
+        value = int(given)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ParameterError(f"parameter '{PARAM_SEED}' must be an integer in [0, 2**63), got {quoted(given)} "
+                             f"(an int64 parameter, or a string of 1 to {SEED_DIGITS} ASCII digits)")
+    return value
 
 
 # --- BYTES tensors: each element is a 4-byte little-endian length, then that many bytes -------

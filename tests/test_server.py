@@ -243,6 +243,11 @@ def bad_cases(fashion_test) -> dict[str, tuple]:
         "unknown output": (dict(inputs=img([png]), outputs=["LOGITS"]), bad, r"unexpected output 'LOGITS'"),
         "bad seed": (dict(inputs=img([png]), parameters={"seed": "abc"}), bad, r"parameter 'seed'"),
         "negative seed": (dict(inputs=img([png]), parameters={"seed": -3}), bad, r"parameter 'seed'"),
+        "superscript seed": (dict(inputs=img([png]), parameters={"seed": "\u00b2"}), bad, r"parameter 'seed'"),
+        "Arabic-Indic seed": (dict(inputs=img([png]), parameters={"seed": "\u0661\u0662"}), bad, r"parameter 'seed'"),
+        "5,000-digit seed": (dict(inputs=img([png]), parameters={"seed": "9" * 5000}), bad,
+                             r"parameter 'seed' .*\(5000 characters\)"),
+        "20-digit seed": (dict(inputs=img([png]), parameters={"seed": "0" * 20}), bad, r"parameter 'seed'"),
         "unknown model": (dict(inputs=img([png]), model="resnet50"), nf, r"unknown model 'resnet50'"),
         "unknown version": (dict(inputs=img([png]), version="7"), nf, r"unknown version '7'"),
     }
@@ -253,7 +258,8 @@ BAD_CASES = [
     "bad image among good", "1-D image tensor", "count mismatch", "trailing bytes", "length prefix lies",
     "empty batch", "batch too large", "wrong dtype", "image as FP32", "wrong shape", "short pixels",
     "pixels out of range", "NaN pixels", "unknown input", "missing input", "both inputs", "unknown output",
-    "bad seed", "negative seed", "unknown model", "unknown version",
+    "bad seed", "negative seed", "superscript seed", "Arabic-Indic seed", "5,000-digit seed", "20-digit seed",
+    "unknown model", "unknown version",
 ]
 
 
@@ -652,6 +658,17 @@ def test_port_in_use_is_a_clear_error(reference):
         port = sock.getsockname()[1]
         with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
             ScoringServer(reference, ServeSpec(port=port), model_name=MODEL).start()
+
+
+def test_seed_parameter_is_strict():
+    """One validator for both servers: an int64, or 1 to 19 ASCII digits; nothing else."""
+    assert P.parse_seed(0) == 0 and P.parse_seed(2**63 - 1) == 2**63 - 1
+    assert P.parse_seed("42") == 42 and P.parse_seed("0" * 19) == 0 and P.parse_seed(str(2**63 - 1)) == 2**63 - 1
+    for bad in ("\u00b2", "\u0661\u0662", "9" * 5000, "0" * 20, str(2**63), "", " 7", "7\n", "+7", "-1", "1_000",
+                True, 1.0, None, -1, 2**63):
+        with pytest.raises(P.ParameterError, match=r"parameter 'seed' must be an integer in \[0, 2\*\*63\)") as e:
+            P.parse_seed(bad)
+        assert len(str(e.value)) < 300
 
 
 def test_protocol_bytes_round_trip():

@@ -334,7 +334,8 @@ def test_run_isolated_gives_only_the_failing_request_its_error():
     out = R.run_isolated(fn, [R.Job(np.zeros(1), s) for s in (1, 13, 2)])
     assert out[0] == 1 and isinstance(out[1], ValueError) and out[2] == 2
     assert R.parse_seed('{"seed": "42"}') == 42 and R.parse_seed("{}") is None
-    for bad in ('{"seed": true}', '{"seed": 1.5}', f'{{"seed": {2**63}}}'):
+    for bad in ('{"seed": true}', '{"seed": 1.5}', f'{{"seed": {2**63}}}', '{"seed": "\u00b2"}',
+                '{"seed": "\u0661\u0662"}', json.dumps({"seed": "9" * 5000}), '{"seed": "-1"}'):
         with pytest.raises(R.RequestError, match="parameter 'seed'"):
             R.parse_seed(bad)
 
@@ -456,6 +457,40 @@ def test_bad_pixels_and_seed_are_invalid_argument(triton):
     with pytest.raises(grpcclient.InferenceServerException, match="parameter 'seed' must be an integer"):
         client.infer("trand", [inp], parameters={"seed": "abc"})
     client.close()
+
+
+def test_a_bad_seed_fails_its_request_only(triton, references, images):
+    """Seeds the old isdigit-then-int parsing let raise out of execute() (failing the whole batch
+    with INTERNAL): each now gets INVALID_ARGUMENT naming the parameter, while good requests of
+    other clients, batched into the same execute calls, get their in-process answers."""
+    x = images[:2].numpy()
+    ref = references["trand"].predict(images[:2], seed=7)
+    bad = ["\u00b2", "9" * 5000, "\u0661\u0662", "0" * 20]
+    kinds = [None, *bad] * 4  # None: a good request with seed 7
+    clients = [grpcclient.InferenceServerClient(triton.url) for _ in kinds]
+    barrier = threading.Barrier(len(kinds))
+
+    def send(k):
+        inp = grpcclient.InferInput(P.INPUT_PIXELS, [2, 1, 28, 28], "FP32")
+        inp.set_data_from_numpy(x)
+        barrier.wait()
+        try:
+            return clients[k].infer("trand", [inp], parameters={"seed": kinds[k] or "7"})
+        except grpcclient.InferenceServerException as e:
+            return e
+
+    with cf.ThreadPoolExecutor(len(kinds)) as pool:
+        results = list(pool.map(send, range(len(kinds))))
+    for kind, res in zip(kinds, results):
+        if kind is None:
+            assert not isinstance(res, Exception), res
+            np.testing.assert_allclose(res.as_numpy(P.OUTPUT_PROBS), ref.probs, rtol=0, atol=1e-5)
+        else:
+            assert isinstance(res, grpcclient.InferenceServerException), kind[:20]
+            assert "INVALID_ARGUMENT" in str(res.status()) and "parameter 'seed'" in res.message(), res
+            assert "Traceback" not in res.message() and len(res.message()) < 400
+    for c in clients:
+        c.close()
 
 
 def test_certification_runs_through_the_ensemble(triton, pipelines, tmp_path, capsys):

@@ -26,8 +26,9 @@ def parameters(args):
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
-def error_response(message):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+def error_response(message, code=None):
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -64,6 +65,10 @@ class TritonPythonModel:
             except self.RequestError as e:
                 self.rejected.increment(1)
                 responses[i] = error_response(str(e))
+                continue
+            except Exception as e:  # never out of execute(): that would fail every request of the batch
+                self.rejected.increment(1)
+                responses[i] = error_response(f"preprocess: {type(e).__name__}: {e}"[:512], pb_utils.TritonError.INTERNAL)
                 continue
             jobs.append(job)
             where.append(i)

@@ -260,14 +260,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return None
         p = request.parameters[P.PARAM_SEED]
         kind = p.WhichOneof("parameter_choice")
-        given: Any = getattr(p, kind) if kind else None
-        value = given
-        if kind == "string_param" and given.strip().isdigit():
-            value = int(given)
-        if kind in ("bool_param", "double_param") or not isinstance(value, int) or not 0 <= value < P.SEED_LIMIT:
-            raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"parameter 'seed' must be an integer in [0, 2**63), got {given!r}")
-        return value
+        try:
+            return P.parse_seed(getattr(p, kind) if kind else None)
+        except P.ParameterError as e:
+            raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
     def _wanted(self, request) -> list[str]:
         wanted = [o.name for o in request.outputs] or list(P.OUTPUTS)
