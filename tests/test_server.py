@@ -249,6 +249,17 @@ def bad_cases(fashion_test) -> dict[str, tuple]:
                              r"parameter 'seed' .*\(5000 characters\)"),
         "20-digit seed": (dict(inputs=img([png]), parameters={"seed": "0" * 20}), bad, r"parameter 'seed'"),
         "unknown model": (dict(inputs=img([png]), model="resnet50"), nf, r"unknown model 'resnet50'"),
+        # client strings of 200 KB: clipped in the message, so the code stays the contract's (not
+        # RESOURCE_EXHAUSTED from error metadata over 16 KiB)
+        "200 KB input name": ([("I" * 200_000, "FP32", [1, 1, 28, 28], pix[:1].tobytes())], bad,
+                              r"unexpected input 'I{64}'\.\.\.\(200000 characters\)"),
+        "200 KB datatype": ([(P.INPUT_PIXELS, "D" * 200_000, [1, 1, 28, 28], pix[:1].tobytes())], bad,
+                            r"expected datatype FP32, got 'D{64}'\.\.\.\(200000 characters\)"),
+        "200 KB output name": (dict(inputs=img([png]), outputs=["O" * 200_000]), bad, r"unexpected output 'O{64}'\.\.\."),
+        "20,000 input names": ([(P.INPUT_PIXELS, "FP32", [1], b"")] * 20_000, bad, r"given twice: .*\.\.\.\]\(20000 items\)"),
+        "40,000-dim shape": ([(P.INPUT_PIXELS, "FP32", [1] * 40_000, b"")], bad, r"\.\.\.\]\(40000 items\)"),
+        "200 KB model name": (dict(inputs=img([png]), model="M" * 200_000), nf, r"unknown model 'M{64}'\.\.\."),
+        "200 KB version": (dict(inputs=img([png]), version="7" * 200_000), nf, r"unknown version '7{64}'\.\.\."),
         "unknown version": (dict(inputs=img([png]), version="7"), nf, r"unknown version '7'"),
     }
 
@@ -259,7 +270,8 @@ BAD_CASES = [
     "empty batch", "batch too large", "wrong dtype", "image as FP32", "wrong shape", "short pixels",
     "pixels out of range", "NaN pixels", "unknown input", "missing input", "both inputs", "unknown output",
     "bad seed", "negative seed", "superscript seed", "Arabic-Indic seed", "5,000-digit seed", "20-digit seed",
-    "unknown model", "unknown version",
+    "unknown model", "200 KB input name", "200 KB datatype", "200 KB output name", "20,000 input names",
+    "40,000-dim shape", "200 KB model name", "200 KB version", "unknown version",
 ]
 
 
@@ -275,11 +287,25 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, raw, 
     req = raw_request(kw.pop("model", MODEL), kw.pop("inputs"), **kw)
     got, message, _ = call(raw, req, server.metadata)
     assert got == code, message
-    assert message and re.search(match, message), message
+    assert message and re.search(match, message), message[:2000]
+    assert len(message) < 2000, message[:2000]
     got, message, resp = call(raw, raw_request(MODEL, [(P.INPUT_IMAGE, "BYTES", [1, 1],
                                                         image_tensor(_pngs(fashion_test, 5, 6)))]), server.metadata)
     assert got == grpc.StatusCode.OK, message
     assert outputs_of(resp)["LABEL"][0, 0] == reference.predict(torch.from_numpy(fashion_test.as_float(5, 6))).labels[0]
+
+
+def test_a_1_mib_request_id_is_clipped_in_the_log(server, raw, fashion_test):
+    req = raw_request(MODEL, [(P.INPUT_IMAGE, "BYTES", [1, 1], image_tensor(_pngs(fashion_test, 0, 1)))])
+    req.id = "r" * (1 << 20)
+    req.model_name = "m" * (1 << 20)  # NOT_FOUND, logged with the id
+    code, message, _ = call(raw, req, server.metadata)
+    assert code == grpc.StatusCode.NOT_FOUND and len(message) < 2000
+    time.sleep(0.2)
+    lines = server.log_path.read_text().splitlines()
+    assert max(map(len, lines)) < 4000
+    mine = [r for r in server.logs() if r.get("event") == "infer" and str(r.get("id", "")).startswith("r" * 64)]
+    assert mine and mine[-1]["id"] == "r" * 64 + f"...({1 << 20} characters)" and mine[-1]["code"] == "NOT_FOUND"
 
 
 def test_bad_requests_do_not_disturb_concurrent_good_ones(server, raw, fashion_test, reference):

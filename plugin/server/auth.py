@@ -34,8 +34,10 @@ class TokenAuth(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         reason = "missing 'authorization: Bearer <token>' metadata" if not got else "invalid bearer token"
         handler = continuation(handler_call_details)
-        self.metrics.count(method.rsplit("/", 1)[-1] or "unknown", grpc.StatusCode.UNAUTHENTICATED)
-        log_event(logging.WARNING, "unauthenticated", event="auth", method=method, error=reason)
+        # the label and the log carry only what the client cannot grow: known methods by name
+        label = method.rsplit("/", 1)[-1] if handler is not None else "unknown"
+        self.metrics.count(label or "unknown", grpc.StatusCode.UNAUTHENTICATED)
+        log_event(logging.WARNING, "unauthenticated", event="auth", method=P.clip(method), error=reason)
         return _deny(handler, reason)
 
 

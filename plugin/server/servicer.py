@@ -66,10 +66,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _model_error(self, name: str, version: str) -> RpcStatus | None:
         if name != self.model_name:
-            return RpcStatus(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {self.model_name!r}")
+            return RpcStatus(grpc.StatusCode.NOT_FOUND, f"unknown model {P.quoted(name)}; this server serves {self.model_name!r}")
         if version not in ("", P.MODEL_VERSION):
             return RpcStatus(grpc.StatusCode.NOT_FOUND,
-                              f"unknown version {version!r} of model {name!r}; available: {P.MODEL_VERSION!r}")
+                              f"unknown version {P.quoted(version)} of model {P.quoted(name)}; available: {P.MODEL_VERSION!r}")
         return None
 
     def _check_model(self, name: str, version: str, context, method: str) -> None:
@@ -151,7 +151,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 for s in result[P.OUTPUT_SCORE].ravel():
                     self.metrics.detector_score.observe(float(s))
         if self.spec.log_requests or code not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            fields: dict[str, Any] = {"event": "infer", "id": request.id, "model": request.model_name,
+            fields: dict[str, Any] = {"event": "infer", "id": P.clip(request.id), "model": P.clip(request.model_name),
                                       "code": code.name, "images": n_images,
                                       "latency_ms": round(latency * 1000, 3), "peer": context.peer()}
             if result is not None:
@@ -190,26 +190,26 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         names = [t.name for t in request.inputs]
         for name in names:
             if name not in self.inputs:
-                raise RpcStatus(bad, f"unexpected input {name!r} for model {self.model_name!r}; expected {expected}")
+                raise RpcStatus(bad, f"unexpected input {P.quoted(name)} for model {self.model_name!r}; expected {expected}")
         if len(set(names)) != len(names):
-            raise RpcStatus(bad, f"input tensor given twice: {names}")
+            raise RpcStatus(bad, f"input tensor given twice: {P.quoted(names)}")
         if not names:
             raise RpcStatus(bad, f"missing input: send {expected}")
         if len(names) > 1:
-            raise RpcStatus(bad, f"send one input per request, either {P.INPUT_IMAGE} or {P.INPUT_PIXELS}, got {names}")
+            raise RpcStatus(bad, f"send one input per request, either {P.INPUT_IMAGE} or {P.INPUT_PIXELS}, got {P.quoted(names)}")
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise RpcStatus(bad, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
         tensor = request.inputs[0]
         spec = self.inputs[tensor.name]
         if tensor.datatype != spec.datatype:
-            raise RpcStatus(bad, f"input {tensor.name!r}: expected datatype {spec.datatype}, got {tensor.datatype!r}")
+            raise RpcStatus(bad, f"input {tensor.name!r}: expected datatype {spec.datatype}, got {P.quoted(tensor.datatype)}")
         shape = list(tensor.shape)
         if len(shape) != len(spec.shape) or any(d != e for d, e in zip(shape[1:], spec.dims)):
-            raise RpcStatus(bad, f"input {tensor.name!r}: expected shape {['N', *spec.dims]}, got {shape}")
+            raise RpcStatus(bad, f"input {tensor.name!r}: expected shape {['N', *spec.dims]}, got {P.quoted(shape)}")
         n = shape[0]
         if n < 1:
-            raise RpcStatus(bad, f"input {tensor.name!r}: empty batch (shape {shape})")
+            raise RpcStatus(bad, f"input {tensor.name!r}: empty batch (shape {P.quoted(shape)})")
         if n > self.spec.max_batch_size:
             raise RpcStatus(bad, f"input {tensor.name!r}: batch of {n} images exceeds max_batch_size "
                                   f"{self.spec.max_batch_size} of model {self.model_name!r}")
@@ -270,10 +270,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for name in wanted:
             if name not in self.outputs:
                 raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"unexpected output {name!r} for model {self.model_name!r}; "
+                                 f"unexpected output {P.quoted(name)} for model {self.model_name!r}; "
                                  f"available: {', '.join(P.OUTPUTS)}")
         if len(set(wanted)) != len(wanted):
-            raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, f"output requested twice: {wanted}")
+            raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, f"output requested twice: {P.quoted(wanted)}")
         return wanted
 
     def _timeout(self, request) -> float:
