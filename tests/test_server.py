@@ -487,6 +487,46 @@ def test_inflight_bound_answers_resource_exhausted(reference, fashion_test):
         assert _metric(prom_text(srv), "advshield_errors_total", code="RESOURCE_EXHAUSTED") >= 4
 
 
+def test_idle_streams_do_not_starve_other_clients(reference, fashion_test):
+    """No token (as the shipped pipelines): 24 idle reflection streams that send nothing and 24
+    health Watch streams, more than the worker pool of max_inflight + 8 the server used to have;
+    beyond max_streams they are refused, and another client's ModelInfer and Health.Check answer
+    within a short deadline."""
+    x = fashion_test.as_float(0, 1)
+    quiet = threading.Event()
+
+    def nothing():
+        quiet.wait(30)
+        return
+        yield
+
+    with _serve(reference, max_inflight=4, max_streams=4) as srv:
+        url = f"127.0.0.1:{srv.port}"
+        ch = grpc.insecure_channel(url)
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+        watch = health_pb2_grpc.HealthStub(ch)
+        calls = [reflect.ServerReflectionInfo(nothing()) for _ in range(24)]
+        calls += [watch.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(24)]
+        try:
+            time.sleep(1.0)  # all of them reach the server
+            code, message, _ = _one(url, x, timeout=3)
+            assert code == grpc.StatusCode.OK, message
+            with grpc.insecure_channel(url) as other:
+                status = health_pb2_grpc.HealthStub(other).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            refused = [c for c in calls if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert len(refused) >= len(calls) - 4, [c.code() for c in calls if c.done()]
+            assert "max_streams" in refused[0].details()
+            assert srv.streams.open <= 4
+        finally:
+            quiet.set()
+            for c in calls:
+                c.cancel()
+            ch.close()
+        time.sleep(0.5)
+        assert srv.streams.open == 0  # cancelled streams give their slots back
+
+
 def test_deadlines_client_server_and_queued(reference, fashion_test):
     x = fashion_test.as_float(0, 1)
     rec = Recording(reference, delay=0.8)

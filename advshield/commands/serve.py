@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=None, help="images per request and per micro-batch")
     p.add_argument("--max-queue-delay-ms", type=float, default=None, help="how long a request waits for a batch")
     p.add_argument("--max-inflight", type=int, default=None, help="requests admitted at once (more: RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-streams", type=int, default=None,
+                   help="streaming RPCs open at once: reflection, health Watch (more: RESOURCE_EXHAUSTED)")
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message size limit")
     p.add_argument("--request-timeout-s", type=float, default=None, help="deadline of requests that carry none")
     p.add_argument("--grace-s", type=float, default=None, help="shutdown grace period for in-flight requests")
@@ -78,7 +80,7 @@ def cmd_serve(args) -> int:
     cfg = load_pipeline(args.pipeline)
     spec = serve_spec(
         cfg, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms, max_inflight=args.max_inflight,
+        max_queue_delay_ms=args.max_queue_delay_ms, max_inflight=args.max_inflight, max_streams=args.max_streams,
         max_message_bytes=args.max_message_bytes, request_timeout_s=args.request_timeout_s,
         grace_s=args.grace_s, threads=args.threads, tls_cert=args.tls_cert, tls_key=args.tls_key,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,

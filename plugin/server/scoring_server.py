@@ -29,6 +29,7 @@ from advshield.plugin.server.logs import log_event
 from advshield.plugin.server.metrics import Metrics
 from advshield.plugin.server.servicer import InferenceServicer
 from advshield.plugin.server.spec import ServeError, ServeSpec, read_token
+from advshield.plugin.server.streams import StreamLimit
 
 
 class ScoringServer:
@@ -44,6 +45,7 @@ class ScoringServer:
                                inflight=lambda: self.servicer.inflight)
         self.servicer: InferenceServicer = InferenceServicer(clf, spec, model_name, self.metrics, self.batcher)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.streams = StreamLimit(spec.max_streams, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
@@ -52,8 +54,12 @@ class ScoringServer:
 
     def start(self) -> ScoringServer:
         spec = self.spec
-        interceptors = [TokenAuth(self.token, self.metrics)] if self.token else []
-        workers = spec.max_inflight + 8  # the extra threads answer health/metadata and rejections
+        # authentication first (a client without the token cannot take a stream slot), then the
+        # stream bound; the pool holds a thread for each admitted ModelInfer and each open stream,
+        # plus 8 for health/metadata calls and rejections, so idle streams cannot starve unary calls
+        interceptors: list[grpc.ServerInterceptor] = [TokenAuth(self.token, self.metrics)] if self.token else []
+        interceptors.append(self.streams)
+        workers = spec.max_inflight + spec.max_streams + 8
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advshield-rpc"),
             interceptors=interceptors,
@@ -101,6 +107,7 @@ class ScoringServer:
                   tls=bool(spec.tls_cert), auth=bool(self.token), metrics_port=self.metrics_port,
                   model=self.model_name, max_batch_size=spec.max_batch_size,
                   max_queue_delay_ms=spec.max_queue_delay_ms, max_inflight=spec.max_inflight,
+                  max_streams=spec.max_streams,
                   random=bool(getattr(self.clf, "random", False)), pid=os.getpid())
         return self
 

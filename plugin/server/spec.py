@@ -23,6 +23,7 @@ class ServeSpec:
     max_batch_size: int = 64  # images per request and per micro-batch
     max_queue_delay_ms: float = 2.0  # how long the oldest queued request waits for company
     max_inflight: int = 64  # ModelInfer requests admitted at once; beyond: RESOURCE_EXHAUSTED
+    max_streams: int = 16  # streaming RPCs open at once (reflection, health Watch); beyond: RESOURCE_EXHAUSTED
     max_message_bytes: int = 32 << 20  # gRPC receive/send limit
     request_timeout_s: float = 30.0  # deadline of a request whose client sets none
     grace_s: float = 10.0  # shutdown: how long in-flight requests may take to finish
@@ -40,6 +41,7 @@ class ServeSpec:
         check(1 <= self.max_batch_size <= 4096, f"serve.max_batch_size: must be within [1, 4096], got {self.max_batch_size}")
         check(0 <= self.max_queue_delay_ms <= 10_000, f"serve.max_queue_delay_ms: must be within [0, 10000], got {self.max_queue_delay_ms}")
         check(1 <= self.max_inflight <= 10_000, f"serve.max_inflight: must be within [1, 10000], got {self.max_inflight}")
+        check(1 <= self.max_streams <= 1000, f"serve.max_streams: must be within [1, 1000], got {self.max_streams}")
         check(self.max_message_bytes >= 1024, f"serve.max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
         check(self.request_timeout_s > 0, f"serve.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         check(self.grace_s >= 0, f"serve.grace_s: must be >= 0, got {self.grace_s}")
