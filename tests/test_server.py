@@ -620,6 +620,21 @@ def test_tls(tmp_path, reference, fashion_test):
         assert _one(url, x, timeout=3)[0] == grpc.StatusCode.UNAVAILABLE  # plaintext client: no handshake
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_a_bad_tls_certificate_or_key_is_a_clear_error(tmp_path, reference):
+    from advshield.plugin.server import ServeError
+
+    cert, key, other = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "other.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for c, k in ((key, cert), (cert, other), (junk, key), (cert, junk)):  # swapped, mismatched, invalid
+        with pytest.raises(ServeError, match=f"cannot load TLS certificate/key {re.escape(str(c))} / {re.escape(str(k))}"):
+            ScoringServer(reference, ServeSpec(port=0, tls_cert=str(c), tls_key=str(k)), model_name=MODEL).start()
+
+
 # --- graceful shutdown ----------------------------------------------------------------------------
 
 def test_stop_finishes_in_flight_requests_and_refuses_new_ones(reference, fashion_test):

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -78,10 +79,7 @@ class ScoringServer:
         address = f"{spec.host}:{spec.port}"
         try:
             if spec.tls_cert:
-                try:
-                    creds = grpc.ssl_server_credentials([(Path(spec.tls_key).read_bytes(), Path(spec.tls_cert).read_bytes())])
-                except OSError as e:
-                    raise ServeError(f"cannot read TLS files {spec.tls_cert} / {spec.tls_key}: {e.strerror}") from None
+                creds = _tls_credentials(spec.tls_cert, spec.tls_key)
                 port = server.add_secure_port(address, creds)
             else:
                 port = server.add_insecure_port(address)
@@ -137,6 +135,22 @@ class ScoringServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _tls_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    """The server's TLS credentials; files that cannot be read, are not PEM, or hold a key that
+    does not match the certificate are a ``ServeError`` naming both files (gRPC itself only fails
+    to listen, which reads like a port in use)."""
+    try:
+        key_pem, cert_pem = Path(key).read_bytes(), Path(cert).read_bytes()
+    except OSError as e:
+        raise ServeError(f"cannot read TLS files {cert} / {key}: {e.strerror}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ServeError(f"cannot load TLS certificate/key {cert} / {key}: {e.reason or e} "
+                         f"(tls_cert: a PEM certificate chain, tls_key: its PEM private key)") from None
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
 
 def limit_threads(threads: int) -> None:
