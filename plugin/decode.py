@@ -56,6 +56,8 @@ def decode_pixels(data: bytes, spec: InputSpec) -> np.ndarray:
         raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > limit {spec.max_pixels}")
     if w == 0 or h == 0:
         raise ImageError(f"image has zero size {w}x{h}")
+    if spec.resize == "exact" and (h, w) != (spec.height, spec.width):  # from the header, before any pixel is decoded
+        raise ImageError(f"wrong size: expected {spec.width}x{spec.height} (WxH), got {w}x{h}")
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -79,9 +81,7 @@ def decode_pixels(data: bytes, spec: InputSpec) -> np.ndarray:
     pic = img.convert("L" if spec.channels == 1 else "RGB")
     if spec.resize == "crop":
         pic = resize_and_centre_crop(pic, spec.height, spec.width, spec.crop_fraction)
-    elif (h, w) != (spec.height, spec.width):
-        if spec.resize == "exact":
-            raise ImageError(f"wrong size: expected {spec.width}x{spec.height} (WxH), got {w}x{h}")
+    elif (h, w) != (spec.height, spec.width):  # resize = "resize" (a wrong size under "exact" was refused above)
         pic = pic.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     arr = np.asarray(pic, dtype=np.uint8)
     if arr.ndim == 2:

@@ -98,3 +98,22 @@ def test_batch_keeps_errors_per_slot():
     assert x.shape == (3, 1, 28, 28)
     assert errors[0] is None and errors[2] is None and "empty" in str(errors[1])
     assert np.all(x[1] == 0)
+
+
+def test_exact_size_is_refused_from_the_header_before_any_pixel_is_decoded(monkeypatch):
+    """A 4096x4096 PNG compresses to a few KB but costs tens of ms to decode: under
+    resize = "exact" its size is refused from the header, without decoding it."""
+    from PIL import ImageFile
+
+    buf = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert len(data) < 64 << 10
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real(self))
+    with pytest.raises(ImageError, match=r"wrong size: expected 28x28 \(WxH\), got 4096x4096"):
+        decode_image(data, SPEC)
+    assert loads == []
+    decode_image(encode_png(np.zeros((1, 28, 28), np.float32)), SPEC)  # a right-sized image is decoded
+    assert loads and set(loads) == {(28, 28)}
