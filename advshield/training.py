@@ -193,6 +193,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
             )
     finally:
         reg_log.setLevel(level)
+    strip_source_paths(path)
     probe = torch.rand((64, *input_shape), generator=torch.Generator().manual_seed(1))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
@@ -202,6 +203,34 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     if diff > tolerance:
         raise ParityError(f"exported ONNX disagrees with torch: max |logit difference| {diff:.3g} > {tolerance:.3g}")
     return diff
+
+
+def strip_source_paths(path: str | Path) -> None:
+    """Remove what the exporter records about the machine that exported the model (node doc
+    strings and metadata holding Python stack traces with absolute source paths); the graph and
+    its weights are unchanged."""
+    import onnx
+
+    model = onnx.load(str(path))
+
+    def clean(graph) -> None:
+        graph.doc_string = ""
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    clean(attr.g)
+                for g in attr.graphs:
+                    clean(g)
+        for vi in [*graph.input, *graph.output, *graph.value_info]:
+            vi.doc_string = ""
+            del vi.metadata_props[:]
+
+    clean(model.graph)
+    model.doc_string = ""
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def write_model_card(onnx_path: str | Path, result: TrainResult, parity: float, **extra) -> Path:
