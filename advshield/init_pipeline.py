@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from advshield.core.errors import ConfigError, DataError
-from advshield.plugin.config import load_pipeline
+from advshield.plugin.config import folder_classes, load_pipeline
+from advshield.plugin.datasets import MANIFEST_SUFFIXES, Listing, list_folder
 from advshield.plugin.model_io import read_graph
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SPLIT_FOLDERS = ("train", "test", "val")
 
 
 @dataclass(frozen=True)
@@ -36,20 +34,14 @@ def _relative(target: Path, base: Path) -> str:
     return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
 
 
-def folder_classes(directory: Path) -> tuple[list[str], str]:
-    """Class sub-folder names (sorted) and which folder they were read from."""
+def list_data_folder(directory: Path) -> Listing:
+    """The image folder ``--data`` names, listed by the folder data set's own code (class
+    sub-folders, train/ and test/ or val/ splits, a class folder without images refused)."""
     if not directory.is_dir():
         raise DataError(f"--data {directory}: not a folder")
-    subs = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-    splits = [s for s in subs if s in SPLIT_FOLDERS]
-    root = directory / "train" if "train" in splits else directory
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    if not folder_classes(directory):
         raise DataError(f"--data {directory}: no class sub-folders (one folder per class, e.g. {directory}/cat/*.png)")
-    empty = [c for c in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (root / c).rglob("*") if f.is_file())]
-    if empty:
-        raise DataError(f"--data {directory}: class folder(s) without PNG/JPEG images: {', '.join(empty[:5])}")
-    return classes, str(root)
+    return list_folder(directory, ())
 
 
 def init_pipeline(model: str | Path, data: str | Path | None, out: str | Path | None = None, *,
@@ -74,12 +66,14 @@ def init_pipeline(model: str | Path, data: str | Path | None, out: str | Path | 
     data_lines = ["# no data yet: `advshield init MODEL --data FOLDER`, or `--data` on fit/audit/certify"]
     if data is not None:
         data = Path(data)
-        if data.is_file() and data.suffix.lower() in (".csv", ".jsonl"):
+        if data.is_file() and data.suffix.lower() in MANIFEST_SUFFIXES:
             data_lines = ['dataset = "manifest"', f"manifest = {_toml_str(_relative(data, base))}"]
         else:
-            classes, root = folder_classes(data)
+            listing = list_data_folder(data)
+            classes = list(listing.classes)
             data_lines = ['dataset = "folder"', f"directory = {_toml_str(_relative(data, base))}",
-                          f"# {len(classes)} classes from the sub-folders of {root}"]
+                          f"# {len(classes)} classes from the class sub-folders of {data}"
+                          + (f" (split by {listing.split_by})" if listing.split_by else "")]
             if k is not None and len(classes) != k:
                 raise DataError(
                     f"--data {data}: {len(classes)} class folders but {model.name} has {k} outputs; the folder "
