@@ -223,21 +223,17 @@ class OnnxStep:
         self.output_name = self.session.get_outputs()[0].name
         first = self.session.get_inputs()[0].shape[0]
         self.batch = first if isinstance(first, int) and first > 0 else None  # a fixed-batch export
+        from advshield.plugin.classifiers import pad_numpy, run_in_chunks
+
+        self._chunks, self._pad = run_in_chunks, pad_numpy
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """One call; a fixed-batch model in chunks of its batch (the last one zero-padded)."""
-        x = np.ascontiguousarray(x, np.float32)
-        b = self.batch
-        if b is None or len(x) == b:
-            return self.session.run([self.output_name], {self.input_name: x})[0]
-        outs = []
-        for i in range(0, len(x), b):
-            chunk = x[i : i + b]
-            n = len(chunk)
-            if n < b:
-                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.float32)])
-            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
-        return np.concatenate(outs)
+        """One call; a fixed-batch model in chunks of its batch (the last one zero-padded), as the
+        in-process classifier runs it."""
+        return self._chunks(self._run, np.ascontiguousarray(x, np.float32), self.batch, np.concatenate, self._pad)
 
 
 class Postprocess:
