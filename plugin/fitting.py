@@ -87,7 +87,7 @@ def _apply(steps, images, spec: FitSpec, progress: bool, desc: str):
 def refuse_package_artifacts(cfg: Any, names: list[str]) -> None:
     """advshield never writes inside its installed package: a shipped example pipeline is fitted
     after `advshield examples DIR` copied it into a working folder."""
-    inside = [str(cfg.artifact_path(n)) for n in names if inside_package(cfg.artifact_path(n))]
+    inside = [str(p) for p in map(cfg.artifact_path, names) if inside_package(p)]
     if inside:
         raise ConfigError(
             f"fit would write artifacts inside the installed advshield package ({inside[0]}); copy the "
@@ -143,8 +143,7 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
 
     def subset(idx: np.ndarray) -> tuple[Any, str]:
         ds = Dataset(train.images[idx], train.labels[idx], train.classes, train.name)
-        x = ds.images[:, None] if ds.images.ndim == 3 else ds.images
-        return torch.from_numpy(x.astype(np.float32) / np.float32(255.0)), ds.sha256()
+        return torch.from_numpy(ds.as_float()), ds.sha256()
 
     def record(name: str) -> Path:
         path = cfg.artifact_path(name)
