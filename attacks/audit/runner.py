@@ -116,7 +116,10 @@ class Auditor:
 
     def __init__(self, setup: Setup, spec: AuditSpec, images: np.ndarray, labels: np.ndarray, out: Path, *,
                  fresh: bool = False, progress: bool = True, header: Mapping[str, Any] | None = None,
-                 on_commit: Callable[[UnitKey], None] | None = None) -> None:
+                 on_commit: Callable[[UnitKey], None] | None = None, only: range | None = None) -> None:
+        """``only``: the batches this auditor runs, a shard of the audit (``attacks/audit/shards.py``):
+        their clean batches and units, with the batch numbers, seeds and places in the clean batch of
+        the whole run, and no sanity unit (it needs every batch's clean records); None: everything."""
         if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
             raise InputError(f"audit: need images [N, C, H, W] and labels [N], got {list(images.shape)} and {list(labels.shape)}")
         self.setup, self.spec, self.out = setup, spec, Path(out)
@@ -125,6 +128,7 @@ class Auditor:
         self.n = len(images)
         self.progress = progress
         self.on_commit = on_commit
+        self.only = only
         self.random = is_random(setup)
         self.draws = spec.draws if self.random else 1  # serving draws that score each image
         self.model = counted(setup.model)
@@ -185,6 +189,8 @@ class Auditor:
                     for e in budget:
                         if eps in spec.eps_for(e):
                             add(e, eps, e.source)
+        if self.only is not None:
+            return [u for u in out if u.batch in self.only]
         if spec.sanity_eps > 0 and spec.sanity_samples > 0:
             out.append(Unit("sanity_pgd_linf", "pgd_linf", MappingProxyType({}), "budget", "linf", "sanity",
                             spec.sanity_eps, 0))
@@ -205,7 +211,7 @@ class Auditor:
     def run(self) -> list[dict[str, Any]]:
         units = self.units()
         batches = self.batches()
-        todo_clean = [b for b in range(len(batches)) if ("clean", None, b) not in self.log.done]
+        todo_clean = [b for b in (self.only or range(len(batches))) if ("clean", None, b) not in self.log.done]
         todo = [u for u in units if u.key not in self.log.done]
         with progress_bar(total=len(todo_clean) + len(todo), desc="audit", unit="batch", enabled=self.progress) as bar:
             for b in todo_clean:
@@ -220,6 +226,14 @@ class Auditor:
                 bar.update()
         self.log.close()
         return self.log.records
+
+    def merge(self, key: UnitKey, rows: list[dict[str, Any]]) -> bool:
+        """Commit a unit run elsewhere (a shard's, ``attacks/audit/shards.py``) as if run here;
+        False (and nothing written) when the unit is committed already."""
+        if key in self.log.done:
+            return False
+        self._commit(key, rows)
+        return True
 
     def _commit(self, key: UnitKey, rows: list[dict[str, Any]]) -> None:
         self.log.commit(key, rows)
