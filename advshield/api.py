@@ -22,8 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from advshield.attacks.audit.shards import MergeResult, merge_shards
 from advshield.attacks.audit_pipeline import AuditResult, audit_pipeline
-from advshield.attacks.certify import CertifyResult, certify_pipeline, certify_spec
+from advshield.attacks.certify import CertifyResult, certify_pipeline, certify_spec, run_certification
+from advshield.attacks.distributed import RayOptions, ShardResult, audit_shard, ray_audit, ray_certify
 from advshield.core.errors import ImageError
 from advshield.core.resources import copy_examples as _copy_examples
 from advshield.deploy.triton import Repository, generate_repository
@@ -64,31 +66,58 @@ def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int
           protocol: Literal["cascade", "independent"] | None = None, target: str | None = None,
           token: str | None = None, fresh: bool = False, certify: bool | None = None,
           certify_dir: str | Path | None = None, threads: int | None = None, data: str | Path | None = None,
-          progress: bool = True, command: str = "") -> AuditResult:
+          progress: bool = True, command: str = "", ray: str | RayOptions | None = None) -> AuditResult:
     """Attack the defended pipeline, write records and the report under ``out``, apply the gate.
 
     See ``advshield.attacks.audit_pipeline.audit_pipeline`` for the parameters; ``threads`` sets
     torch's thread count for the run (1 is best on a busy machine); ``data``: a folder or manifest
-    (``--data``, see ``advshield.plugin.datasets.with_data``) in place of ``[data]``."""
+    (``--data``, see ``advshield.plugin.datasets.with_data``) in place of ``[data]``. ``ray``: run
+    the batches as shards on a Ray cluster ("local", "auto", an address, or ``RayOptions`` with
+    the shard count and each shard's CPUs/GPUs; ``advshield.attacks.distributed``): the same
+    records and report as one process."""
     cfg = with_data(load_pipeline(pipeline), data)
     set_torch_threads(threads or 0)  # 0: at most the CPUs this process has (affinity, cgroup quota)
+    shards = ray_audit(cfg, _ray_options(ray), progress=progress) if ray is not None else None
     return audit_pipeline(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
                           attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
                           protocol=protocol,
                           target=target, token=token, fresh=fresh, certify=certify, certify_dir=certify_dir,
-                          progress=progress, command=command)
+                          progress=progress, command=command, shards=shards)
+
+
+def _ray_options(ray: str | RayOptions) -> RayOptions:
+    return ray if isinstance(ray, RayOptions) else RayOptions(address=ray)
+
+
+def audit_shard_run(pipeline: PipelineLike, shard: tuple[int, int], *, out: str | Path | None = None,
+                    fresh: bool = False, threads: int | None = None, data: str | Path | None = None,
+                    progress: bool = True, **overrides: Any) -> ShardResult:
+    """Shard ``shard`` = (I, N) of the audit, in this process, into a shard folder (``--shard I/N``,
+    for a Kubernetes Indexed Job or any other scheduler; ``audit_merge`` joins the folders).
+    ``overrides``: ``audit``'s (samples, start, batch_size, seed, attacks, adaptive, ...)."""
+    cfg = with_data(load_pipeline(pipeline), data)
+    set_torch_threads(threads or 0)
+    return audit_shard(cfg, shard, out=out, fresh=fresh, progress=progress, **overrides)
+
+
+def audit_merge(folders: Sequence[str | Path], out: str | Path) -> MergeResult:
+    """Merge shard folders (from ``--shard``, any scheduler) into ``out``; refuses folders of
+    different audits or with overlapping samples. ``audit(pipeline, out=out, ...)`` with the shards'
+    settings then runs what is left (the sanity attack, missing batches), the probes and the report."""
+    return merge_shards(folders, out)
 
 
 def certify(pipeline: PipelineLike, *, out: str | Path | None = None, sigmas: Sequence[float] | None = None,
             models: Sequence[str | Path] | None = None, n0: int | None = None, n: int | None = None,
             alpha: float | None = None, samples: int | None = None, start: int | None = None,
             batch_size: int | None = None, seed: int | None = None, target: str | None = None,
-            token: str | None = None, data: str | Path | None = None, progress: bool = True) -> CertifyResult:
+            token: str | None = None, data: str | Path | None = None, progress: bool = True,
+            ray: str | RayOptions | None = None) -> CertifyResult:
     """Randomized-smoothing certification over the whole pipeline (the ``[certify]`` section with
     these overrides). ``models``: a noise-trained base model per sigma; paths given here are taken
     as they are (relative to the working folder), those in the file relative to the file. Passing
     ``sigmas`` without ``models`` drops the file's models. ``data``: a folder or manifest in place of
-    ``[data]`` (``--data``)."""
+    ``[data]`` (``--data``). ``ray``: certify in shards on a Ray cluster (as ``audit``'s)."""
     cfg = with_data(load_pipeline(pipeline), data)
     overrides: dict[str, Any] = {"n0": n0, "n": n, "alpha": alpha, "samples": samples, "start": start,
                                  "batch_size": batch_size, "seed": seed,
@@ -97,8 +126,10 @@ def certify(pipeline: PipelineLike, *, out: str | Path | None = None, sigmas: Se
     if sigmas and not models and cfg.extra.get("certify", {}).get("models"):
         overrides["models"] = ()
     spec = certify_spec(cfg, **overrides)
+    run = (ray_certify(cfg, _ray_options(ray), target=target, token=token) if ray is not None
+           else run_certification)
     return certify_pipeline(cfg, spec, Path(out or f"runs/certify/{cfg.pipeline.name}"), target=target, token=token,
-                            progress=progress)
+                            progress=progress, run=run)
 
 
 def info(pipeline: PipelineLike, *, parity: bool = False) -> dict[str, Any]:
@@ -202,9 +233,14 @@ def init(model: str | Path, data: str | Path | None = None, out: str | Path | No
 __all__ = [
     "AuditResult",
     "CertifyResult",
+    "MergeResult",
     "PipelineConfig",
     "Prediction",
+    "RayOptions",
+    "ShardResult",
     "audit",
+    "audit_merge",
+    "audit_shard_run",
     "certify",
     "classifier",
     "copy_examples",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from advshield.attacks.audit import (
     run_probes,
     write_json,
 )
+from advshield.attacks.audit.shards import canonical, plan_shards, unit_order
 from advshield.attacks.certify import (
     BaseForSigma,
     CertifySpec,
@@ -141,6 +142,78 @@ def _certification(cfg: PipelineConfig, out: Path, *, certify: bool | None, cert
     return summary, _rows(records_path), base_for_sigma, spec
 
 
+@dataclass
+class AuditInputs:
+    """What an audit starts from, whole, one shard of it or a Ray driver: the spec with its
+    overrides, the verified checksums, the evaluated images and labels, the attack setup and the
+    records' header (the settings every shard of the audit must share)."""
+
+    spec: AuditSpec
+    out: Path
+    checksums: dict[str, str]
+    test: DataSplit
+    data_info: dict[str, Any]
+    images: np.ndarray
+    labels: np.ndarray
+    setup: Setup
+    header: dict[str, Any]
+    target: str | None = None
+    token: str | None = None
+    parity: dict[str, Any] | None = None
+    only: range | None = None  # a shard's batches (``shard``)
+
+
+def audit_inputs(cfg: PipelineConfig, *, out: str | Path | None = None, samples: int | None = None,
+                 start: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                 attacks: Sequence[str] | None = None, adaptive: Literal["auto", "on", "off"] | None = None,
+                 eot_samples: int | None = None, detector_aware: bool | None = None,
+                 protocol: Literal["cascade", "independent"] | None = None, target: str | None = None,
+                 token: str | None = None, shard: tuple[int, int] | None = None) -> AuditInputs:
+    """The inputs of ``audit_pipeline`` (same parameters). ``shard`` = (I, N): shard I of N of the
+    audit's batches (``only``; ``attacks/audit/shards.py``): only its images and the first 16 (the
+    randomness probe) are converted, the others stay zero, and a shard never reads them."""
+    spec = audit_spec(cfg, samples=samples, start=start, batch_size=batch_size, seed=seed, adaptive=adaptive,
+                      eot_samples=eot_samples, detector_aware=detector_aware, protocol=protocol)
+    if attacks:
+        spec = spec.select(attacks)
+    spec = spec.with_gate_eps(cfg.gate.gate_eps)
+    checksums = cfg.checksums(verify=True)
+    test = load_data(cfg, "test")
+    data = test.data
+    stop = min(spec.start + spec.samples, len(data))
+    if stop <= spec.start:
+        raise ConfigError(f"audit.start: {spec.start} is past the end of the test split ({len(data)} images)")
+    data_info = evaluated(test, spec.start, stop)
+    only = None
+    if shard is None:
+        images = data.as_float(spec.start, stop)
+    else:
+        plan = plan_shards(-(-(stop - spec.start) // spec.batch_size), shard[1])
+        if shard[0] >= len(plan):
+            raise ConfigError(f"--shard {shard[0]}/{shard[1]}: the audit has only {len(plan)} batches of "
+                              f"{spec.batch_size}; use at most {len(plan)} shards")
+        only = plan[shard[0]]
+        lo, hi = only.start * spec.batch_size, min(only.stop * spec.batch_size, stop - spec.start)
+        first = data.as_float(spec.start, min(spec.start + 16, stop))
+        images = np.zeros((stop - spec.start, *first.shape[1:]), np.float32)  # pages never written stay unallocated
+        images[: len(first)] = first
+        images[lo:hi] = data.as_float(spec.start + lo, spec.start + hi)
+    labels = np.asarray(data.labels[spec.start:stop], np.int64)
+    scorer = None
+    parity = None
+    if target:
+        url, model = parse_target(target)
+        scorer = RemoteClassifier(url, model, token=token, rate=spec.query_rate, concurrency=spec.query_concurrency,
+                                  retries=spec.query_retries)
+    setup = build_setup(cfg, spec, torch.from_numpy(images[:16]), scorer=scorer)
+    if scorer is not None:
+        parity = serving_parity(DefendedClassifier.from_config(cfg), scorer, torch.from_numpy(images[:16]), seed=spec.seed)
+        print(f"scoring through {scorer!r}; parity with the in-process pipeline on 16 images: {parity}")
+    header = {"pipeline.files": checksums, "target": target, "data": data_info}
+    return AuditInputs(spec, Path(out or f"runs/audit/{cfg.pipeline.name}"), checksums, test, data_info, images,
+                       labels, setup, header, target, token, parity, only)
+
+
 def _rows(records_path: Path) -> list[dict[str, Any]]:
     return ([json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
             if records_path.is_file() else [])
@@ -166,6 +239,7 @@ def audit_pipeline(
     certify_dir: str | Path | None = None,
     progress: bool = True,
     command: str = "",
+    shards: Callable[[Auditor, AuditInputs], None] | None = None,
 ) -> AuditResult:
     """Audit ``cfg``: the ``[audit]`` section with these overrides (None keeps the file's value).
 
@@ -173,37 +247,22 @@ def audit_pipeline(
     ``target`` (grpc://HOST:PORT[/MODEL]) re-scores every example through a live server.
     ``certify``: True runs the certification stage, False skips it, None runs it when the
     pipeline has a [certify] section; ``certify_dir`` reads an ``advshield certify`` output folder.
+    ``shards(auditor, inputs)`` runs units elsewhere and merges them into ``auditor`` before it runs
+    what is left (``attacks/distributed.py``: shards on a Ray cluster).
     """
     t_start = time.perf_counter()
-    spec = audit_spec(cfg, samples=samples, start=start, batch_size=batch_size, seed=seed, adaptive=adaptive,
-                      eot_samples=eot_samples, detector_aware=detector_aware, protocol=protocol)
-    if attacks:
-        spec = spec.select(attacks)
-    spec = spec.with_gate_eps(cfg.gate.gate_eps)
-    out = Path(out or f"runs/audit/{cfg.pipeline.name}")
-    checksums = cfg.checksums(verify=True)
-    test = load_data(cfg, "test")
-    data = test.data
-    stop = min(spec.start + spec.samples, len(data))
-    if stop <= spec.start:
-        raise ConfigError(f"audit.start: {spec.start} is past the end of the test split ({len(data)} images)")
-    data_info = evaluated(test, spec.start, stop)
-    images, labels = data.as_float(spec.start, stop), np.asarray(data.labels[spec.start:stop], np.int64)
-
-    scorer = None
-    parity = None
-    if target:
-        url, model = parse_target(target)
-        scorer = RemoteClassifier(url, model, token=token)
-    setup = build_setup(cfg, spec, torch.from_numpy(images[:16]), scorer=scorer)
-    if scorer is not None:
-        parity = serving_parity(DefendedClassifier.from_config(cfg), scorer, torch.from_numpy(images[:16]), seed=spec.seed)
-        print(f"scoring through {scorer!r}; parity with the in-process pipeline on 16 images: {parity}")
-    header = {"pipeline.files": checksums, "target": target, "data": data_info}
-    auditor = Auditor(setup, spec, images, labels, out, fresh=fresh, progress=progress, header=header)
+    inputs = audit_inputs(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
+                          attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
+                          protocol=protocol, target=target, token=token)
+    spec, out, checksums, test, data_info = inputs.spec, inputs.out, inputs.checksums, inputs.test, inputs.data_info
+    images, labels, setup, parity = inputs.images, inputs.labels, inputs.setup, inputs.parity
+    auditor = Auditor(setup, spec, images, labels, out, fresh=fresh, progress=progress, header=inputs.header)
     if auditor.log.done:
         print(f"resuming: {len(auditor.log.done)} batches already in {out / RECORDS}")
-    records = auditor.run()
+    if shards is not None:
+        shards(auditor, inputs)  # e.g. the shards on a Ray cluster, merged into auditor (attacks/distributed.py)
+    records = auditor.run()  # the rest: everything (one process), or what the shards leave (the sanity unit)
+    records = canonical(records, unit_order(auditor))  # one process's order, whoever ran the units
 
     # after the cascade: gradient and randomness probes, then the attack probes (independent runs on
     # probe_samples correct samples at the gate's eps) and the BPDA approximation error

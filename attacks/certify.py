@@ -23,6 +23,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from advshield.attacks.audit.records import derive_seed
 from advshield.core.errors import ConfigError
 from advshield.core.progress import progress as progress_bar
 from advshield.core.validation import check, from_mapping
@@ -112,10 +113,7 @@ def run_certification(
         t_sigma = time.perf_counter()
         rows = []
         for i in progress_bar(range(len(images)), desc=f"certify sigma={sigma:g}", enabled=progress, unit="img"):
-            t0 = time.perf_counter()
-            cert = smoothed.certify(torch.from_numpy(images[i]), index=spec.start + i)
-            rec = CertRecord(sigma, spec.start + i, int(labels[i]), cert.label, cert.radius, cert.p_lower,
-                             bool(cert.label == labels[i]), time.perf_counter() - t0)
+            rec = certify_one(smoothed, sigma, images[i], int(labels[i]), spec.start + i)
             rows.append(rec)
             if out is not None:
                 sink.write(json.dumps(asdict(rec)) + "\n")
@@ -128,6 +126,19 @@ def run_certification(
         (out / "certify_summary.json").write_text(json.dumps(summary, indent=2))
     summary["records"] = records
     return summary
+
+
+def certify_one(smoothed: SmoothedClassifier, sigma: float, image: np.ndarray, label: int, index: int) -> CertRecord:
+    """CERTIFY for the sample at ``index`` of the test split: its noise stream and the random
+    defenses' draws are seeded by (seed, index) alone, so the record does not depend on which
+    samples were certified before it, in this process or in another shard."""
+    at = getattr(smoothed.base, "at", None)
+    if at is not None:
+        at(index)
+    t0 = time.perf_counter()
+    cert = smoothed.certify(torch.from_numpy(np.ascontiguousarray(image)), index=index)
+    return CertRecord(sigma, index, int(label), cert.label, cert.radius, cert.p_lower, bool(cert.label == label),
+                      time.perf_counter() - t0)
 
 
 def summarize(rows: list[CertRecord], radii: tuple[float, ...], seconds: float, samples_drawn: int) -> dict:
@@ -203,11 +214,24 @@ def in_process_bases(cfg: PipelineConfig, spec: CertifySpec) -> BaseForSigma:
         model = spec.models[spec.sigmas.index(sigma)] if spec.models else None
         if model not in cache:
             cache[model] = pipeline_base(cfg, model)
-        defended = cache[model]
-        gen = torch.Generator().manual_seed(spec.seed)
-        return lambda x: defended.logits(x, gen if defended.random else None)
+        return PipelineBase(cache[model], spec.seed)
 
     return base_for_sigma
+
+
+class PipelineBase:
+    """The defended pipeline as a smoothing base classifier: logits; a random pipeline draws from
+    a generator that ``at(index)`` reseeds per sample (seed, index), as the noise is."""
+
+    def __init__(self, defended: DefendedClassifier, seed: int) -> None:
+        self.defended, self.seed = defended, seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def at(self, index: int) -> None:
+        self.generator = torch.Generator().manual_seed(derive_seed(self.seed, "certify defenses", index))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defended.logits(x, self.generator if self.defended.random else None)
 
 
 def remote_bases(remote: RemoteClassifier, spec: CertifySpec) -> BaseForSigma:
@@ -235,9 +259,12 @@ class CertifyResult:
 
 
 def certify_pipeline(cfg: PipelineConfig, spec: CertifySpec, out: Path, *, target: str | None = None,
-                     token: str | None = None, progress: bool = True) -> CertifyResult:
+                     token: str | None = None, progress: bool = True,
+                     run: Callable[..., dict] = run_certification) -> CertifyResult:
     """Certify ``spec.samples`` test images of the pipeline's data set at every sigma, in process or
-    through a live endpoint (``target`` = grpc://HOST:PORT[/MODEL]); write records, summary, plot."""
+    through a live endpoint (``target`` = grpc://HOST:PORT[/MODEL]); write records, summary, plot.
+    ``run``: what certifies the images, ``run_certification``'s signature (``attacks/distributed.py``:
+    shards on a Ray cluster)."""
     test = load_data(cfg, "test")
     data = test.data
     stop = min(spec.start + spec.samples, len(data))
@@ -255,7 +282,7 @@ def certify_pipeline(cfg: PipelineConfig, spec: CertifySpec, out: Path, *, targe
     else:
         base_for_sigma = in_process_bases(cfg, spec)
         num_classes = output_classes(base_for_sigma, spec.sigmas[0], images)
-    summary = run_certification(base_for_sigma, num_classes, images, labels, spec, out, progress=progress)
+    summary = run(base_for_sigma, num_classes, images, labels, spec, out, progress=progress)
     records = summary.pop("records")
     summary["data"] = evaluated(test, spec.start, stop)
     goal = cfg.gate.certified_accuracy_target

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from advshield import api
+from advshield.commands.audit import add_ray_arguments, ray_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a folder of images (one sub-folder per class), a folder of IDX files, or a .csv/.jsonl "
                         "manifest (path,label), in place of the pipeline's [data] set")
     p.add_argument("--quiet", action="store_true")
+    add_ray_arguments(p, "samples")
     p.set_defaults(func=cmd_certify)
 
 
@@ -35,7 +37,7 @@ def cmd_certify(args) -> int:
     result = api.certify(args.pipeline, out=args.out, sigmas=args.sigma, models=args.model, n0=args.n0, n=args.n,
                          alpha=args.alpha, samples=args.samples, start=args.start, batch_size=args.batch_size,
                          seed=args.seed, target=args.target, token=args.token, data=args.data,
-                         progress=not args.quiet)
+                         progress=not args.quiet, ray=ray_options(args))
     if args.target:
         print(f"certified through {result.scorer} (noise is clipped to [0, 1] on the wire)")
     summary, budgets, target = result.summary, result.budget, result.target
