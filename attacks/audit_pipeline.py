@@ -270,6 +270,13 @@ def audit_pipeline(
     if parity is not None:
         probes["serving_parity"] = parity
     metrics = compute_metrics(records, spec, setup.mode)
+    if "black_box" in metrics:  # who answered the black-box queries, and under which limit
+        bb = metrics["black_box"]
+        bb["endpoint"] = inputs.target or "in process"
+        bb["rate_limit"] = spec.query_rate if inputs.target else None
+        bb["concurrency"] = spec.query_concurrency if inputs.target else None
+    if hasattr(setup.scorer, "stats"):
+        probes["client"] = setup.scorer.stats()  # every request of the audit through the endpoint
 
     budget = None
     violations: list[dict[str, Any]] = []

@@ -16,6 +16,10 @@ of the [audit] section); a warning says the numbers may *overestimate* robustnes
   tried and failed on, at the same budget: in the cascade's records where both attacked a sample
   at an eps, and in the attack probe, where FGSM, the transfer attack and the iterative attack
   each ran on every subsample point (independent runs; the cascade alone rarely lets them meet);
+* ``black_box_beats_white_box``: a black-box attack (Square, HopSkipJump: answers of the serving
+  path only) broke samples within an eps at which the white-box attacks had left them robust;
+  AutoAttack reads a gradient-free attack beating the gradient attacks as the strongest sign of
+  masking;
 * ``not_converged``: the attack probe's iterative attack with twice its steps raised the success
   rate by more than ``convergence_tolerance``: the audit's attack had not converged;
 * ``restarts_break_more``: the same attack with more random restarts broke more than the tolerance
@@ -242,6 +246,42 @@ def check_unbounded(records: list[Mapping[str, Any]], tolerance: float) -> list[
     return out
 
 
+def check_black_box(records: list[Mapping[str, Any]], correct: int, tolerance: float) -> list[MaskingWarning]:
+    """Samples a black-box attack broke within eps (a budget attack at its eps; a minimal one at
+    every eps of the grid of its norm at or above its distortion) where no white-box attack's
+    success lies within that eps."""
+    white: dict[tuple[int, str], float] = {}  # (sample, norm) -> least white-box distortion
+    grids: dict[str, set[float]] = {}
+    for r in records:
+        if r["kind"] == "budget" and r["eps"] is not None:
+            grids.setdefault(r["norm"], set()).add(float(r["eps"]))
+        if r["attack"] != "clean" and r["source"] == "white-box" and r["success"]:
+            for norm in ("l2", "linf"):
+                key = (r["sample"], norm)
+                white[key] = min(white.get(key, float("inf")), float(r[norm]))
+    beaten: dict[tuple[str, float], set[int]] = {}
+    for r in records:
+        if r["source"] != "black-box" or not r["success"]:
+            continue
+        norm = r["norm"]
+        at = [float(r["eps"])] if r["kind"] == "budget" else sorted(e for e in grids.get(norm, ()) if e >= r[norm] - 1e-6)
+        for eps in at:
+            if white.get((r["sample"], norm), float("inf")) > eps + 1e-6:
+                beaten.setdefault((norm, eps), set()).add(r["sample"])
+    samples = set().union(*beaten.values()) if beaten else set()
+    share = len(samples) / correct if correct else 0.0
+    if not samples or share <= tolerance:
+        return []
+    where = ", ".join(f"{n} eps={e:g}: {len(s)}" for (n, e), s in sorted(beaten.items()))
+    return [MaskingWarning(
+        "black_box_beats_white_box",
+        f"black-box attacks, which see only the serving path's answers, broke {len(samples)} sample(s) "
+        f"({share:.1%} of the correct ones) within budgets at which the white-box attacks had left them robust "
+        f"({where}): the white-box gradients do not follow the deployed pipeline (gradient masking, a BPDA "
+        f"approximation far from its defense, randomness without enough EOT) or the white-box attacks are too weak",
+        {"samples": sorted(samples), "share": share, "by_eps": {f"{n}:{e:g}": sorted(s) for (n, e), s in beaten.items()}})]
+
+
 def check_non_adaptive(probes: Mapping[str, Any]) -> list[MaskingWarning]:
     mode = probes.get("mode", {})
     if mode.get("adaptive") == "off" and (mode.get("defenses") or mode.get("detector")):
@@ -288,5 +328,6 @@ def masking_warnings(records: list[Mapping[str, Any]], probes: Mapping[str, Any]
         *_merge(check_weaker_attacks(records, correct, tolerance),
                 check_attack_probe(probes, tolerance, convergence_tolerance)),
         *check_unbounded(records, tolerance),
+        *check_black_box(records, correct, tolerance),
         *check_certificates(violations or []),
     ]

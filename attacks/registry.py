@@ -5,6 +5,11 @@
 * *minimal* attacks return the smallest adversarial they found (C&W, DeepFool, DDN, BP): one run
   gives each sample's distortion, hence the whole operating characteristic.
 
+``access`` says what an attack needs of its model: ``gradients`` (a differentiable model: the
+white-box and transfer attacks), or only the answers of the serving path, through an
+``advshield.attacks.oracle.Oracle``: ``scores`` (probabilities: Square) or ``decisions``
+(adversarial or not: HopSkipJump). The audit runs the last two in its black-box stage.
+
 ``run_attack(name, model, inputs, labels, **hyper)`` merges the defaults with ``hyper``; an
 unknown hyper-parameter is a ConfigError naming it and the allowed ones.
 """
@@ -25,10 +30,13 @@ from advshield.attacks.decoupled_direction_norm import ddn
 from advshield.attacks.deepfool import deepfool
 from advshield.attacks.detector_attacks import detector_sweep, opgd
 from advshield.attacks.gradient import apgd, apgd_t, bim, fgsm, pgd
-from advshield.attacks.primitives import Model
+from advshield.attacks.hopskipjump import hop_skip_jump
+from advshield.attacks.square import square
 from advshield.core.errors import ConfigError
 
 Kind = Literal["budget", "minimal"]
+Access = Literal["gradients", "scores", "decisions"]
+BLACK_BOX: tuple[str, ...] = ("scores", "decisions")  # accesses of the black-box attacks
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,11 @@ class AttackSpec:
     norm: Literal["linf", "l2"]  # the norm of its budget, or of the distortion it minimises
     defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     gradients: str = ""  # gradient evaluations per image, as a formula of the hyper-parameters
+    access: Access = "gradients"
+
+    @property
+    def black_box(self) -> bool:
+        return self.access in BLACK_BOX
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
@@ -77,7 +90,7 @@ def get_attack(name: str) -> AttackSpec:
     return ATTACKS[name]
 
 
-def run_attack(name: str, model: Model, inputs: torch.Tensor, labels: torch.Tensor, *,
+def run_attack(name: str, model: Any, inputs: torch.Tensor, labels: torch.Tensor, *,
                targeted: bool = False, **hyper: Any) -> torch.Tensor:
     spec = get_attack(name)
     return spec.fn(model, inputs, labels, targeted=targeted, **spec.hyper(**hyper))
@@ -117,5 +130,15 @@ for _spec in (
                "steps * len(lambdas) (at most)"),
     AttackSpec("detector_sweep_l2", detector_sweep, "budget", "l2", _p({"norm": "l2", "steps": 50}),
                "steps * len(lambdas) (at most)"),
+):
+    register_attack(_spec)
+
+# Black-box attacks (attacks/square.py, attacks/hopskipjump.py): their "model" is an Oracle over the
+# serving path; their cost is counted in queries (images sent), not gradients.
+for _spec in (
+    AttackSpec("square_linf", square, "budget", "linf", _p({"queries": 1000, "p_init": 0.8}), "0", "scores"),
+    AttackSpec("square_l2", square, "budget", "l2", _p({"norm": "l2", "queries": 1000, "p_init": 0.8}), "0", "scores"),
+    AttackSpec("hsj_l2", hop_skip_jump, "minimal", "l2", _p({"queries": 1000}), "0", "decisions"),
+    AttackSpec("hsj_linf", hop_skip_jump, "minimal", "linf", _p({"norm": "linf", "queries": 1000}), "0", "decisions"),
 ):
     register_attack(_spec)

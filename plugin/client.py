@@ -7,12 +7,20 @@ Triton ensemble (same wire contract, ``advshield.plugin.protocol``), over ``trit
   the same thing). No gradients: the server is a black box; a white-box attack needs the twin.
 * ``RemoteClassifier.predict`` / ``predict_bytes``: the same ``Prediction`` as the in-process
   ``DefendedClassifier.predict`` (labels, probs, detector score/flag, seed): this is how the audit
-  and certification re-score through a live server.
+  and certification re-score through a live server, and how black-box attacks query it.
+* Manners towards a production endpoint: ``rate`` (images per second, a token bucket over all
+  requests), ``concurrency`` (requests in flight at once), ``retries`` of a request answered
+  UNAVAILABLE (exponential back-off from ``backoff`` seconds), a deadline per request
+  (``timeout``). ``stats()`` gives what was achieved: images, requests, retries, seconds waited
+  for the rate limit, images per second.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,22 +52,66 @@ def _message(e: Exception) -> str:
     return str(msg)
 
 
+class RateLimit:
+    """A token bucket: ``acquire(n)`` blocks until n images may go out at ``rate`` images per
+    second. It starts empty (a new client never bursts) and saves at most one second's worth
+    while idle (or n, when one request is larger); rate 0: no limit."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        if rate < 0:
+            raise ConfigError(f"rate limit: must be >= 0 images per second (0: no limit), got {rate}")
+        self.rate = float(rate)
+        self._tokens = 0.0
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+        self.waited = 0.0  # seconds spent waiting for tokens
+
+    def acquire(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:  # one waiter at a time keeps the order fair
+            now = time.monotonic()
+            cap = max(self.rate, float(n))
+            self._tokens = min(cap, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens < n:
+                wait = (n - self._tokens) / self.rate
+                time.sleep(wait)
+                self.waited += wait
+                self._tokens = float(n)
+                self._stamp = time.monotonic()
+            self._tokens -= n
+
+
 class RemoteClassifier:
     """A defended pipeline behind a KServe v2 gRPC endpoint ``url`` (``host:port``).
 
     ``model``: the served model's name; default: the one ready model with the advshield wire
     contract (input IMAGE, outputs PROBS and FLAGGED). ``token``: bearer token. ``ssl`` /
     ``root_certificates``: TLS (a PEM file of the CA that signed the server's certificate).
-    ``timeout``: seconds per request. ``batch_size``: images per request (default: the server's
-    max_batch_size).
+    ``timeout``: seconds per request (its deadline). ``batch_size``: images per request (default:
+    the server's max_batch_size). ``rate``, ``concurrency``, ``retries``, ``backoff``: see the
+    module docstring.
     """
 
     def __init__(self, url: str, model: str | None = None, *, token: str | None = None, ssl: bool = False,
-                 root_certificates: str | None = None, timeout: float = 30.0, batch_size: int | None = None) -> None:
+                 root_certificates: str | None = None, timeout: float = 30.0, batch_size: int | None = None,
+                 rate: float = 0.0, concurrency: int = 1, retries: int = 3, backoff: float = 0.25) -> None:
         import tritonclient.grpc as grpcclient
 
+        if concurrency < 1:
+            raise ConfigError(f"concurrency: must be >= 1 requests in flight, got {concurrency}")
+        if retries < 0 or backoff < 0:
+            raise ConfigError(f"retries and backoff: must be >= 0, got {retries} and {backoff}")
         self.url = url
         self.timeout = float(timeout)
+        self.limit = RateLimit(rate)
+        self.concurrency = int(concurrency)
+        self.retries, self.backoff = int(retries), float(backoff)
+        self._counts = {"images": 0, "requests": 0, "retries": 0}
+        self._busy = 0.0  # seconds inside predict calls
+        self._count_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self.headers = {P.AUTH_HEADER: f"Bearer {token}"} if token else None
         ssl = ssl or root_certificates is not None
         try:
@@ -120,18 +172,38 @@ class RemoteClassifier:
         inp.set_data_from_numpy(data)
         outputs = [self._grpc.InferRequestedOutput(n) for n in P.OUTPUTS]
         params = {P.PARAM_SEED: int(seed)} if seed is not None else None
-        res = self._call(self.client.infer, self.model_name, [inp], outputs=outputs, parameters=params)
+        self.limit.acquire(len(data))
+        for attempt in range(self.retries + 1):
+            try:
+                res = self._call(self.client.infer, self.model_name, [inp], outputs=outputs, parameters=params)
+                break
+            except RemoteError as e:
+                if e.code != "UNAVAILABLE" or attempt == self.retries:
+                    raise
+                with self._count_lock:
+                    self._counts["retries"] += 1
+                time.sleep(self.backoff * 2**attempt)
+        with self._count_lock:
+            self._counts["images"] += len(data)
+            self._counts["requests"] += 1
         arrays = {n: res.as_numpy(n) for n in P.OUTPUTS}
         resp = res.get_response()
         used = int(resp.parameters[P.PARAM_SEED].int64_param) if P.PARAM_SEED in resp.parameters else None
         return arrays, used
 
     def _gather(self, chunks: list[tuple[str, str, np.ndarray]], seed: int | None) -> Prediction:
-        parts, seeds = [], []
-        for k, (name, datatype, data) in enumerate(chunks):
-            arrays, used = self._infer(name, datatype, data, None if seed is None else (seed + k) % P.SEED_LIMIT)
-            parts.append(arrays)
-            seeds.append(used)
+        t0 = time.perf_counter()
+        jobs = [(name, datatype, data, None if seed is None else (seed + k) % P.SEED_LIMIT)
+                for k, (name, datatype, data) in enumerate(chunks)]
+        if self.concurrency > 1 and len(jobs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="advshield-client")
+            done = list(self._pool.map(lambda j: self._infer(*j), jobs))
+        else:
+            done = [self._infer(*j) for j in jobs]
+        parts = [a for a, _ in done]
+        seeds = [u for _, u in done]
+        self._busy += time.perf_counter() - t0
         probs = np.concatenate([p[P.OUTPUT_PROBS] for p in parts]).astype(np.float32)
         labels = np.concatenate([p[P.OUTPUT_LABEL] for p in parts]).reshape(-1).astype(np.int64)
         score = flagged = None
@@ -170,7 +242,19 @@ class RemoteClassifier:
         logp = np.log(np.maximum(pred.probs, np.finfo(np.float32).tiny))
         return torch.from_numpy(logp).to(x.device if isinstance(x, torch.Tensor) else "cpu")
 
+    def stats(self) -> dict[str, Any]:
+        """What this client sent: images, requests, retries on UNAVAILABLE, seconds waited for the
+        rate limit, seconds in predict calls and the achieved images per second over them."""
+        with self._count_lock:
+            out: dict[str, Any] = dict(self._counts)
+        out.update({"rate_limit": self.limit.rate, "concurrency": self.concurrency,
+                    "rate_limit_wait_seconds": round(self.limit.waited, 3), "seconds": round(self._busy, 3),
+                    "images_per_second": out["images"] / self._busy if self._busy > 0 else None})
+        return out
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.client.close()
 
     def __enter__(self) -> RemoteClassifier:

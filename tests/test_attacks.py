@@ -209,7 +209,9 @@ def test_registry_names_every_attack_with_its_kind():
                      "apgd_dlr_l2": "budget", "apgd_t_linf": "budget", "apgd_t_l2": "budget",
                      "opgd_linf": "budget", "opgd_l2": "budget", "detector_sweep_linf": "budget",
                      "detector_sweep_l2": "budget",
-                     "cw_l2": "minimal", "deepfool": "minimal", "ddn": "minimal", "bp": "minimal"}
+                     "cw_l2": "minimal", "deepfool": "minimal", "ddn": "minimal", "bp": "minimal",
+                     "square_linf": "budget", "square_l2": "budget", "hsj_l2": "minimal", "hsj_linf": "minimal"}
+    assert {n for n, s in ATTACKS.items() if s.black_box} == {"square_linf", "square_l2", "hsj_l2", "hsj_linf"}
     assert get_attack("ddn").defaults["gamma"] == 0.05 and get_attack("ddn").defaults["init_eps"] == 1.0
     assert get_attack("bp").defaults["alpha"] == 2.0 and get_attack("bp").defaults["gamma_min"] == 0.7
 

@@ -73,11 +73,12 @@ def strip(records):
 def test_default_section_and_pipeline_sections_parse(cfg):
     spec = audit_spec(cfg)
     assert [e.id for e in spec.entries] == ["ddn", "bp", "apgd_ce_linf", "apgd_t_linf", "apgd_ce_l2", "apgd_t_l2",
-                                            "fgsm", "transfer_pgd_linf"]
+                                            "fgsm", "transfer_pgd_linf", "square_linf", "hsj_l2"]
     assert [e.id for e in AuditSpec().entries] == ["ddn", "bp", "apgd_ce_linf", "apgd_t_linf", "detector_sweep_linf",
                                                    "opgd_linf", "apgd_ce_l2", "apgd_t_l2", "detector_sweep_l2",
-                                                   "opgd_l2", "fgsm", "transfer_pgd_linf"]
-    assert spec.entries[-1].transfer and spec.entries[-1].kind == "budget" and spec.entries[-1].norm == "linf"
+                                                   "opgd_l2", "fgsm", "transfer_pgd_linf", "square_linf", "hsj_l2"]
+    assert [e.source for e in spec.entries[-3:]] == ["transfer", "black-box", "black-box"]
+    assert spec.entries[-3].kind == "budget" and spec.entries[-3].norm == "linf"
     assert spec.eps_for(spec.entries[2]) == spec.eps_linf
     # the L-inf grid lies on the 8-bit lattice: every budget is a whole number of grey levels
     assert all(abs(e * 255 - round(e * 255)) < 1e-9 for e in spec.eps_linf)

@@ -175,6 +175,25 @@ def test_a_wrong_bpda_approximation_warns(tmp_path, data, serving, twin):
     assert rows["wrong_approximation"]["layer"] == "image"
 
 
+def test_zero_gradients_black_box_beats_white_box(tmp_path, data, serving, twin):
+    # 8-bit rounding declared differentiable: APGD sees a zero gradient and only its random start
+    # moves; Square, which only reads the serving path's probabilities, breaks what APGD left
+    auditor, _, warned = audit(tmp_path, data, serving, twin, [RoundedAsDifferentiable(None)], eps_linf=[0.1],
+                               attacks=[{"name": "apgd_ce_linf", "steps": 10}, {"name": "square_linf", "queries": 300}],
+                               probe_samples=0)
+    records = auditor.log.records
+    white = {r["sample"] for r in records if r["attack"] == "apgd_ce_linf" and r["success"]}
+    black = {r["sample"] for r in records if r["attack"] == "square_linf" and r["success"]}
+    assert not white & black and len(black) > len(white)
+    w = warned["black_box_beats_white_box"]
+    assert set(w.details["samples"]) == black and w.details["share"] > 0.3
+    assert w.details["by_eps"] == {"linf:0.1": sorted(black)}
+    # the unmasked model: APGD's gradients are the model's, Square finds nothing APGD missed
+    _, _, fair = audit(tmp_path / "fair", data, serving, twin, [], eps_linf=[0.1], probe_samples=0,
+                       attacks=[{"name": "apgd_ce_linf", "steps": 10}, {"name": "square_linf", "queries": 300}])
+    assert "black_box_beats_white_box" not in fair
+
+
 def test_bpda_probe_of_an_exact_surrogate_is_zero(data):
     from advshield.defenses.squeeze import Median, MedianConfig
 

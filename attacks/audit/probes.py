@@ -102,7 +102,7 @@ def probe_attacks(spec: AuditSpec, transfer: bool) -> dict[str, AttackEntry]:
     surrogate, ``transfer`` (the audit's first transfer budget attack of the norm, else PGD)."""
     norm = spec.gate_norm
     budget = [e for e in spec.entries if e.kind == "budget" and e.norm == norm]
-    white = [e for e in budget if not e.transfer]
+    white = [e for e in budget if not e.transfer and not e.black_box]
     out = {
         "iterative": spec.probe_entry or next((e for e in white if _iterative(e)),
                                               AttackEntry(ITERATIVE_ATTACK[norm], ITERATIVE_ATTACK[norm])),

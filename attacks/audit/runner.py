@@ -42,6 +42,7 @@ from advshield.attacks.audit.records import (
     eps_key,
 )
 from advshield.attacks.audit.spec import DETECTOR_ATTACKS, RECORD_SETTINGS, AttackEntry, AuditSpec
+from advshield.attacks.oracle import Oracle
 from advshield.attacks.registry import get_attack, run_attack
 from advshield.attacks.threat import DIST_TOL, REASONS, Checked, ThreatModel, check_adversarial, judge
 from advshield.core.errors import InputError
@@ -102,7 +103,7 @@ class Unit:
     hyper: Mapping[str, Any]
     kind: str
     norm: str
-    source: str  # white-box, transfer, sanity
+    source: str  # white-box, transfer, black-box, sanity
     eps: float | None
     batch: int
 
@@ -177,9 +178,12 @@ class Auditor:
         # the detector attacks of the default cascade only run where there is a detector to evade
         # (without one they would repeat PGD); the report's mode says whether attacks were detector-aware
         aware = bool(self.setup.mode.get("detector_aware"))
-        white = [e for e in spec.entries if not e.transfer and (aware or e.name not in DETECTOR_ATTACKS)]
+        white = [e for e in spec.entries
+                 if not e.transfer and not e.black_box and (aware or e.name not in DETECTOR_ATTACKS)]
         transfer = [e for e in spec.entries if e.transfer] if spec.transfer and self.surrogate is not None else []
-        for group in (white, transfer):
+        # the black-box stage: after every attack that had gradients, on what they left robust
+        black = [e for e in spec.entries if e.black_box] if spec.black_box else []
+        for group in (white, transfer, black):
             for e in group:
                 if e.kind == "minimal":
                     add(e, None, e.source)
@@ -303,8 +307,6 @@ class Auditor:
         if len(pos) == 0:
             self._commit(u.key, [])
             return
-        model = self.surrogate if u.source == "transfer" else self.model
-        assert model is not None
         x, y = self.images[pos], self.labels[pos]
         spec = get_attack(u.name)
         seed = derive_seed(self.spec.seed, u.attack, u.eps, u.batch)
@@ -313,11 +315,22 @@ class Auditor:
             hyper["eps"] = u.eps
         if "seed" in spec.hyper_names and "seed" not in hyper:
             hyper["seed"] = seed
-        model.reset(seed=seed)
+        oracle = None
+        if spec.black_box:
+            # the serving path as an outside attacker meets it: answers only, each call a fresh draw
+            oracle = Oracle(self.setup.scorer, len(pos), seed=seed, flagged_is_failure=self.spec.flagged_is_failure)
+            model: Any = oracle
+            if "levels" in spec.hyper_names and "levels" not in hyper:
+                hyper["levels"] = self.spec.levels
+        else:
+            model = self.surrogate if u.source == "transfer" else self.model
+            assert model is not None
+            model.reset(seed=seed)
         t0 = time.perf_counter()
         adv = run_attack(u.name, model, x, y, **hyper)
         seconds = (time.perf_counter() - t0) / len(pos)
-        grads = model.gradients / len(pos)
+        grads = 0.0 if oracle is not None else model.gradients / len(pos)
+        queries = oracle.queries if oracle is not None else np.zeros(len(pos), np.int64)
         checked = check_adversarial(x, adv, ThreatModel(u.norm, u.eps if u.kind == "budget" else None, self.spec.levels))
         s, wins = self.judge_examples(pos, checked, y, derive_seed(self.spec.seed, "score", u.attack, u.eps, u.batch))
         success, share = s.majority(wins), (s.k - wins.sum(0)) / s.k
@@ -332,7 +345,7 @@ class Auditor:
                                   success=bool(success[i]), d2=float(checked.l2[i]), dinf=float(checked.linf[i]),
                                   grads=grads, seconds=seconds, seed=s.seed, correct=True,
                                   clean_share=float(clean.get("clean_share", float(clean["correct"]))),
-                                  adv_share=float(share[i])))
+                                  adv_share=float(share[i]), queries=int(queries[i])))
             if unrounded is not None:
                 rows[-1].update({k: v[i] for k, v in unrounded.items()})
         if u.kind == "minimal" or u.source == "sanity":
@@ -359,7 +372,7 @@ class Auditor:
     def _row(self, attack: str, name: str, source: str, kind: str, norm: str | None, eps: float | None, batch: int,
              p: int, clean_pred: int, *, adv_pred: int | None, flagged: Any, score: Any, valid: bool, reason: str,
              success: bool, d2: float, dinf: float, grads: float, seconds: float, seed: Any, correct: bool,
-             clean_share: float, adv_share: float | None) -> dict[str, Any]:
+             clean_share: float, adv_share: float | None, queries: int = 0) -> dict[str, Any]:
         return {
             "sample": int(p + self.spec.start), "attack": attack, "name": name, "source": source, "kind": kind,
             "norm": norm, "eps": eps, "batch": batch, "label": int(self.labels[p]), "clean_pred": clean_pred,
@@ -370,6 +383,8 @@ class Auditor:
             # the pipeline got right: on the clean image (classified correctly), on the adversarial
             # example (not a success: classified correctly, flagged, invalid or unchanged)
             "draws": self.draws, "clean_share": clean_share, "adv_share": adv_share,
+            # images the attack sent to the serving path for this sample (black-box attacks; 0: none)
+            "queries": queries,
         }
 
 

@@ -16,12 +16,13 @@ from advshield.core.validation import check, from_mapping, to_mapping
 # other values is refused
 RECORD_SETTINGS = ("eps_linf", "eps_l2", "samples", "start", "batch_size", "seed", "adaptive", "eot_samples",
                    "detector_aware", "detector_weight", "flagged_is_failure", "transfer", "levels", "sanity_eps",
-                   "sanity_samples", "draws", "protocol")
+                   "sanity_samples", "draws", "protocol", "black_box")
 
 _ATTACK_KEYS = ("name", "id", "transfer", "eps")
 # the default cascade: minimal attacks for the per-sample distortion, then AutoAttack's gradient
 # pair per norm (APGD-CE, then APGD-T with the targeted DLR loss on what it left), the one-step
-# attack, and a transfer attack from the surrogate
+# attack, a transfer attack from the surrogate, and the black-box stage: Square (score-based) on
+# what every gradient attack left robust, HopSkipJump (decision-based) for each sample's distortion
 DEFAULT_ATTACKS: tuple[Mapping[str, Any], ...] = tuple(MappingProxyType(a) for a in (
     {"name": "ddn"},
     {"name": "bp"},
@@ -35,6 +36,8 @@ DEFAULT_ATTACKS: tuple[Mapping[str, Any], ...] = tuple(MappingProxyType(a) for a
     {"name": "opgd_l2"},
     {"name": "fgsm"},
     {"name": "pgd_linf", "transfer": True},
+    {"name": "square_linf"},
+    {"name": "hsj_l2"},
 ))
 # attacks that only make sense against a detector: the runner skips them when the attack model has none
 DETECTOR_ATTACKS = ("detector_sweep_linf", "detector_sweep_l2", "opgd_linf", "opgd_l2")
@@ -68,8 +71,12 @@ class AttackEntry:
         return self.spec.norm
 
     @property
+    def black_box(self) -> bool:
+        return self.spec.black_box
+
+    @property
     def source(self) -> str:
-        return "transfer" if self.transfer else "white-box"
+        return "transfer" if self.transfer else "black-box" if self.black_box else "white-box"
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "kind": self.kind, "norm": self.norm, "source": self.source,
@@ -101,6 +108,9 @@ def parse_attack(table: Any, where: str) -> AttackEntry:
                                                          for e in eps_list):
         raise ConfigError(f"{where}.eps: expected a number or a list of numbers, got {eps_raw!r}")
     eps = tuple(float(e) for e in eps_list)
+    if transfer and spec.black_box:
+        raise ConfigError(f"{where}.transfer: {name!r} is a black-box attack (it queries the serving path); "
+                          f"it has no surrogate to craft on, remove transfer")
     if eps and spec.kind != "budget":
         raise ConfigError(f"{where}.eps: {name!r} is a minimal attack (it has no budget); remove eps")
     _check_grid(eps, spec.norm, f"{where}.eps")
@@ -170,6 +180,12 @@ class AuditSpec:
     # 0.5: mean ||defense(x) - approximation(x)||_2 / ||x||_2 above this: BPDA follows another function
     bpda_tolerance: float = BPDA_TOLERANCE
     probe_entry: AttackEntry | None = field(init=False, repr=False, compare=False, default=None)
+    # the black-box stage (Square, HopSkipJump: attacks that only query the serving path), after
+    # the white-box and transfer attacks; through --target they query the live endpoint
+    black_box: bool = True
+    query_rate: float = 0.0  # through --target: at most this many images per second (0: no limit)
+    query_concurrency: int = 1  # through --target: requests in flight at once
+    query_retries: int = 3  # through --target: retries of a request answered UNAVAILABLE (backing off)
 
     def __post_init__(self) -> None:
         entries = tuple(parse_attack(a, f"audit.attacks[{i}]") for i, a in enumerate(self.attacks))
@@ -203,6 +219,9 @@ class AuditSpec:
         check(0 <= self.convergence_tolerance < 1,
               f"audit.convergence_tolerance: must be within [0, 1), got {self.convergence_tolerance}")
         check(self.bpda_tolerance > 0, f"audit.bpda_tolerance: must be > 0, got {self.bpda_tolerance}")
+        check(self.query_rate >= 0, f"audit.query_rate: must be >= 0 images per second (0: no limit), got {self.query_rate}")
+        check(self.query_concurrency >= 1, f"audit.query_concurrency: must be >= 1, got {self.query_concurrency}")
+        check(self.query_retries >= 0, f"audit.query_retries: must be >= 0, got {self.query_retries}")
         object.__setattr__(self, "probe_entry", self._probe_entry())
 
     def _probe_entry(self) -> AttackEntry | None:
@@ -210,7 +229,7 @@ class AuditSpec:
             return None
         e = parse_attack(self.probe_attack, "audit.probe_attack")
         where = f"audit.probe_attack: {e.name!r}"
-        check(not e.transfer, f"{where} must be a white-box attack (transfer = false)")
+        check(not e.transfer and not e.black_box, f"{where} must be a white-box attack (transfer = false, not black-box)")
         check(e.kind == "budget", f"{where} is a minimal attack; the probes need a budget attack with steps")
         check(e.norm == self.gate_norm, f"{where} is an {e.norm} attack; the probes run in gate_norm = {self.gate_norm!r}")
         check("steps" in e.spec.hyper_names, f"{where} has no steps: the probes need an iterative attack")

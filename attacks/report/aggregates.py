@@ -107,11 +107,14 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
                     best[norm][i] = min(best[norm][i], r[norm])
         return best
 
+    def white(r: Mapping[str, Any]) -> bool:  # the white-box attacks (and the sanity attack)
+        return r["source"] not in ("transfer", "black-box")
+
     unions = {
         "all attacks": least(lambda r: True),
-        "white-box": least(lambda r: r["source"] != "transfer"),
+        "white-box": least(white),
     }
-    picks = {"all attacks": lambda r: True, "white-box": lambda r: r["source"] != "transfer"}
+    picks = {"all attacks": lambda r: True, "white-box": white}
 
     def expected(norm: str, grid: np.ndarray, pick) -> list[float]:
         """Per eps, the mean over samples of the least share of draws right: on the clean image,
@@ -152,6 +155,10 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
             if not r["valid"]:
                 invalid[r["reason"]] = invalid.get(r["reason"], 0) + 1
         info["invalid"] = invalid
+        if first["source"] == "black-box":
+            q = np.array([int(r.get("queries", 0)) for r in rows], np.int64)
+            info["queries"] = {"total": int(q.sum()), "median": float(np.median(q)) if q.size else 0.0,
+                               "max": int(q.max()) if q.size else 0}
         if first["kind"] == "minimal":
             success = np.zeros(n, dtype=bool)
             dist = np.full(n, np.inf)
@@ -214,6 +221,19 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], spec: Any, mode: Mappi
 
     if getattr(spec, "protocol", "cascade") == "independent":
         out["independent"] = independent_attacks(records, correct, index, spec)
+
+    black = [r for r in records if r["source"] == "black-box"]
+    if black:
+        q = np.array([int(r.get("queries", 0)) for r in black], np.int64)
+        secs = float(sum(r["seconds"] for r in black))
+        out["black_box"] = {
+            "attacks": [a for a in order if out["attacks"][a]["source"] == "black-box"],
+            "records": len(black),
+            "queries_total": int(q.sum()),
+            "queries_median": float(np.median(q)),  # per (sample, attack, eps) record
+            "seconds": secs,
+            "queries_per_second": float(q.sum() / secs) if secs > 0 else None,  # achieved by the attacks
+        }
 
     total_g = sum(r["gradients"] for r in records if r["attack"] != "clean")
     total_s = sum(r["seconds"] for r in records)

@@ -77,6 +77,7 @@ def build_report(*, pipeline: Mapping[str, Any], spec: Any, probes: Mapping[str,
             "gradients": {k: (float(np.median(v)) if isinstance(v, list) and v else v) for k, v in gp.items()} if gp else None,
             "attacks": _attack_probe_summary(probes.get("attacks")),
             "bpda": probes.get("bpda"),
+            "client": probes.get("client"),  # requests through a live endpoint (--target)
         },
         "metrics": metrics,
         "distortion_budget": budget,
@@ -166,6 +167,7 @@ def _context(report: Mapping[str, Any], plots: Mapping[str, str]) -> dict[str, A
         "robust": robust, "minimal": minimal_rows,
         "budget_attacks": [(a, v) for a, v in m["attacks"].items() if v["kind"] == "budget"],
         "detector": m.get("detector"), "budget": report.get("distortion_budget"), "plots": plots,
+        "client": report["probes"].get("client"),
     }
 
 
