@@ -181,7 +181,8 @@ class RayRun:
     units: int = 0
     duplicates: int = 0
     retries: list[ShardFailure] = field(default_factory=list)
-    shard_seconds: dict[int, float] = field(default_factory=dict)
+    shard_seconds: dict[int, float] = field(default_factory=dict)  # launch to last unit
+    first_unit_seconds: dict[int, float] = field(default_factory=dict)  # launch to first unit: start-up + one unit
     wall_seconds: float = 0.0
 
 
@@ -284,6 +285,7 @@ def _stream(ray: Any, launch: Callable[[int], Any], shards: Sequence[int], optio
                     progress_write(f"shard {i}: worker lost ({type(e).__name__}); relaunched from the merged units")
                     pending[launch(i)] = i
                     continue
+                run.first_unit_seconds.setdefault(i, round(time.perf_counter() - started[i], 3))
                 accept(i, item)
     finally:
         for gen in pending:

@@ -273,6 +273,25 @@ def test_workers_verify_every_file_by_sha256_before_use(plain, tmp_path):
         unpack(bad, tmp_path / "bad")
 
 
+def test_fitted_artifacts_and_their_sidecars_travel_by_content(tmp_path, fashion_test):
+    """A detector threshold fitted without a pinned sha256 is verified on the worker through its
+    sidecar, as at home; the unpacked pipeline scores exactly as the original."""
+    api.copy_examples(tmp_path / "work")
+    path = tmp_path / "work" / "pipelines" / "fashion_mnist_squeeze.toml"
+    api.fit(path, calibration=200, progress=False)
+    cfg = load_pipeline(path)
+    bundle = pack(cfg)
+    assert {"artifacts.squeeze_threshold", "artifacts.squeeze_threshold.meta.json"} <= set(bundle.files)
+    back, _ = unpack(bundle, tmp_path / "worker")
+    x = torch.from_numpy(fashion_test.as_float(0, 16))
+    want, got = api.predict(cfg, x), api.predict(back, x)
+    assert np.array_equal(got.labels, want.labels) and np.array_equal(got.flagged, want.flagged)
+    assert np.allclose(got.score, want.score, atol=0) and want.flagged is not None
+    (tmp_path / "worker" / "artifacts.squeeze_threshold" / "squeeze_threshold.json.meta.json").write_text("{}")
+    with pytest.raises(ArtifactError):  # the sidecar is what vouches for an unpinned artifact
+        api.predict(back, x)
+
+
 def test_without_ray_installed_the_error_says_how_to_install_it(monkeypatch, plain, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     with pytest.raises(ConfigError, match=r"Ray is not installed .*pip install 'advshield\[ray\]'"):
