@@ -191,13 +191,17 @@ class RayRun:
 def _audit_task(bundle: Bundle, spec_table: dict[str, Any], header: dict[str, Any], fingerprint: str,
                 target: str | None, token: str | None, part: np.ndarray, offset: int, labels: np.ndarray,
                 probe: np.ndarray, only: range, prior_done: list[list[Any]], prior_rows: list[dict[str, Any]],
-                threads: int) -> Iterator[dict[str, Any]]:
-    """One shard on a Ray worker: yields every committed unit (key, records, stored examples)."""
+                threads: int, shards: int) -> Iterator[dict[str, Any]]:
+    """One shard on a Ray worker: yields every committed unit (key, records, stored examples).
+    Through ``target`` the shard takes 1/``shards`` of ``[audit] query_rate``: the endpoint sees
+    the audit's limit, not one per shard."""
     _worker_setup(threads)
     with tempfile.TemporaryDirectory(prefix="advshield-shard-") as tmp:
         cfg, _ = _unpack_verified(bundle, Path(tmp) / "pipeline", header["pipeline.files"])
         spec = from_mapping(AuditSpec, spec_table, "audit")
-        scorer = RemoteClassifier(*parse_target(target), token=token) if target else None
+        scorer = (RemoteClassifier(*parse_target(target), token=token, rate=spec.query_rate / shards,
+                                   concurrency=spec.query_concurrency, retries=spec.query_retries)
+                  if target else None)
         setup = build_setup(cfg, spec, torch.from_numpy(probe), scorer=scorer)
         images = np.zeros((len(labels), *part.shape[1:]), np.float32)  # only the shard's batches are read
         images[offset : offset + len(part)] = part
@@ -233,6 +237,8 @@ def _audit_task(bundle: Bundle, spec_table: dict[str, Any], header: dict[str, An
             yield {"key": list(item), "rows": rows, "examples": f.read_bytes() if f.is_file() else None,
                    "pid": os.getpid()}
         worker.join()
+        if scorer is not None:  # what this shard sent to the endpoint, for the audit's totals
+            yield {"client": scorer.stats(), "pid": os.getpid()}
 
 
 def _lost_worker(ray: Any, e: BaseException) -> bool:
@@ -323,13 +329,17 @@ def ray_audit(cfg: PipelineConfig, options: RayOptions, *, progress: bool = True
                 rows = [r for r in auditor.log.records if key_of(r) in expected[i]]
                 return task.remote(bundle, spec_table, inputs.header, fingerprint, inputs.target, inputs.token,
                                    parts[i], plan[i].start * size, labels, probe, plan[i],
-                                   [list(k) for k in done], rows, _threads(options))
+                                   [list(k) for k in done], rows, _threads(options), len(todo))
 
             total = sum(len(expected[i] - auditor.log.done) for i in todo)
             print(f"ray: {len(plan)} shards of {nb} batches ({options.cpus:g} CPUs, {options.gpus:g} GPUs each), "
                   f"{total} units to run, {len(auditor.log.done)} merged already")
             with progress_bar(total=total, desc=f"audit on {len(todo)} shards", unit="unit", enabled=progress) as bar:
                 def accept(i: int, item: dict[str, Any]) -> None:
+                    if "client" in item:
+                        if hasattr(inputs.setup.scorer, "add_stats"):
+                            inputs.setup.scorer.add_stats(item["client"])
+                        return
                     a, e, b = item["key"]
                     key = (a, eps_key(e), int(b))
                     if key not in expected[i]:

@@ -252,6 +252,15 @@ class RemoteClassifier:
                     "images_per_second": out["images"] / self._busy if self._busy > 0 else None})
         return out
 
+    def add_stats(self, other: dict[str, Any]) -> None:
+        """Count another client's requests (``stats()`` of a shard's client, ``attacks/distributed.py``)
+        as this one's, so the audit's totals include every shard."""
+        with self._count_lock:
+            for key in self._counts:
+                self._counts[key] += int(other.get(key, 0))
+            self._busy += float(other.get("seconds", 0.0))
+        self.limit.waited += float(other.get("rate_limit_wait_seconds", 0.0))
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

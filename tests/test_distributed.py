@@ -182,6 +182,21 @@ def test_an_interrupted_driver_resumes_from_what_it_merged(cluster, plain, one_p
     assert_same_audit(got, one_process)
 
 
+def test_shards_score_through_a_live_server_as_one_process_does(cluster, plain, tmp_path):
+    """--target: every shard re-scores through the same advshield server over gRPC."""
+    from server_helpers import start_server
+
+    srv = start_server(plain, tmp_path / "server.log")
+    try:
+        kw: dict[str, Any] = {"target": f"grpc://{srv.url}/fashion_mnist", "samples": 16, "attacks": ["fgsm", "ddn"]}
+        want = audit(plain, tmp_path / "one", **kw)
+        got = audit(plain, tmp_path / "ray", ray=RayOptions(shards=2), **kw)
+    finally:
+        srv.stop()
+    assert want.report["mode"]["scorer"].startswith("RemoteClassifier")
+    assert_same_audit(got, want)
+
+
 def test_certification_on_ray_equals_one_process(cluster, plain, tmp_path):
     kw: dict[str, Any] = {"sigmas": [0.25, 0.5], "samples": 6, "n0": 20, "n": 200, "batch_size": 100,
                           "progress": False}
