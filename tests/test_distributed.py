@@ -209,6 +209,18 @@ def test_certification_on_ray_equals_one_process(cluster, plain, tmp_path):
     assert json.loads((tmp_path / "ray" / RAY_RUN).read_text())["shards"] == [[0, 3], [3, 6]]
 
 
+def test_the_certify_command_runs_on_ray_and_resumes(cluster, plain, tmp_path, capsys):
+    args = ["certify", str(plain), "--sigma", "0.25", "--samples", "4", "--n0", "10", "--n", "100", "--quiet",
+            "--out", str(tmp_path / "c"), "--ray", "--shards", "2"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "ray: 2 certification shards of 4 samples x 1 sigmas, 4 certificates to compute" in said
+    first = (tmp_path / "c" / "certify_records.jsonl").read_text()
+    assert main(args) == 0  # everything merged already: nothing to compute, the same records
+    assert "0 certificates to compute, 4 merged already" in capsys.readouterr().out
+    assert (tmp_path / "c" / "certify_records.jsonl").read_text() == first
+
+
 def test_random_pipeline_certificates_do_not_depend_on_the_shard(cluster, random_pipeline, tmp_path):
     kw: dict[str, Any] = {"sigmas": [0.25], "samples": 4, "n0": 10, "n": 100, "batch_size": 100, "progress": False}
     want = api.certify(random_pipeline, out=tmp_path / "one", **kw)
