@@ -22,6 +22,7 @@ import tomli_w
 import torch
 
 from advshield import api
+from advshield.attacks import distributed
 from advshield.attacks.audit import RECORDS, read_records
 from advshield.attacks.audit.shards import SHARD, merge_shards, plan_shards
 from advshield.attacks.audit_pipeline import audit_pipeline
@@ -298,6 +299,18 @@ def test_workers_verify_every_file_by_sha256_before_use(plain, tmp_path):
     bad = Bundle(bundle.table, {**bundle.files, "model": (name, data[:-1] + bytes([data[-1] ^ 1]), sha)})
     with pytest.raises(ArtifactError, match=r"model: sha256 mismatch on this worker .*the driver sent " + sha):
         unpack(bad, tmp_path / "bad")
+
+
+def test_a_file_damaged_on_the_way_is_refused_by_the_worker(cluster, plain, tmp_path, monkeypatch):
+    """End to end: the Ray worker checks the bytes it got; its ArtifactError reaches the driver."""
+    def damaged(cfg, extra=None):
+        bundle = pack(cfg, extra)
+        name, data, sha = bundle.files["surrogate"]
+        return Bundle(bundle.table, {**bundle.files, "surrogate": (name, data[:-1] + bytes([data[-1] ^ 1]), sha)})
+
+    monkeypatch.setattr(distributed, "pack", damaged)
+    with pytest.raises(ArtifactError, match=r"surrogate: sha256 mismatch on this worker"):
+        audit(plain, tmp_path / "ray", ray=RayOptions(shards=2), samples=16)
 
 
 def test_fitted_artifacts_and_their_sidecars_travel_by_content(tmp_path, fashion_test):
