@@ -390,6 +390,26 @@ def test_deterministic_ensemble_answers_repeats_from_the_response_cache(triton, 
     np.testing.assert_array_equal(again.probs, first.probs)
 
 
+def test_black_box_attacks_query_the_ensemble_as_they_query_the_pipeline_in_process(remotes, references, images,
+                                                                                    fashion_test):
+    """Square and HopSkipJump through the detector ensemble (reject = true: a flagged answer is
+    label -1) take the same path, query for query, as against the in-process pipeline, and what
+    they return as a success is misclassified and unflagged there."""
+    from advshield.attacks.oracle import Oracle
+    from advshield.attacks.registry import run_attack
+
+    x = images[:8]
+    y = torch.from_numpy(np.asarray(fashion_test.labels[:8], np.int64))
+    for name, hyper in (("square_linf", {"eps": 0.1, "queries": 60}), ("hsj_l2", {"queries": 120})):
+        o_remote, o_local = Oracle(remotes["tdet"], 8, seed=1), Oracle(references["tdet"], 8, seed=1)
+        a = run_attack(name, o_remote, x, y, seed=1, **hyper)
+        b = run_attack(name, o_local, x, y, seed=1, **hyper)
+        assert torch.allclose(a, b, atol=1e-6) and o_remote.queries.tolist() == o_local.queries.tolist()
+        pred = references["tdet"].predict(a)
+        won = (pred.labels != y.numpy()) & (pred.labels >= 0)
+        assert won.any() and not (won & pred.flagged).any()
+
+
 def test_random_pipeline_with_the_same_seed(remotes, references, images):
     remote, ref = remotes["trand"], references["trand"]
     assert remote.random
