@@ -126,7 +126,7 @@ def run_demo(workdir: str | Path = "runs/demo", *, data_dir: str | Path | None =
                              samples, certify_samples)
     print(f"[4/{steps}] fitting the defenses of {defended.name} (training split only)")
     api.fit(defended)
-    print(f"[5/{steps}] auditing {defended.name}: white-box, adaptive (BPDA/EOT), transfer attacks, certification")
+    print(f"[5/{steps}] auditing {defended.name}: white-box, adaptive (BPDA/EOT), transfer and black-box attacks, certification")
     out = workdir / "audit"
     result = api.audit(defended, out=out, certify=True, fresh=True, threads=1)
     print_audit_summary(result)

@@ -91,6 +91,18 @@ def test_the_oracle_counts_queries_per_sample_and_draws_a_fresh_seed_per_call():
         o(m.x[:1], [4])
 
 
+def test_every_query_to_a_random_pipeline_is_a_fresh_draw(fashion_test):
+    random = DefendedClassifier.from_config(load_pipeline(Path(__file__).resolve().parents[1] / "advshield"
+                                                          / "pipelines" / "fashion_mnist_random.toml"))
+    x = torch.from_numpy(fashion_test.as_float(0, 4))
+    o = Oracle(random, 4, seed=0)
+    assert o.random
+    a, b = o(x, np.arange(4)), o(x, np.arange(4))  # the same images, asked twice
+    assert float((a.probs - b.probs).abs().max()) > 1e-3
+    again = Oracle(random, 4, seed=0)  # and the audit stays reproducible: the same seed, the same stream
+    assert torch.equal(again(x, np.arange(4)).probs, a.probs)
+
+
 @pytest.mark.parametrize("flagged_is_failure", [True, False])
 def test_a_flagged_or_rejected_answer_is_what_the_attacker_sees(flagged_is_failure):
     m = linear_model(10)
