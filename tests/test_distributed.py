@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -96,6 +97,12 @@ def audit(pipeline: Path, out: Path, **kw: Any) -> api.AuditResult:
 @pytest.fixture(scope="module")
 def one_process(plain, tmp_path_factory) -> api.AuditResult:
     return audit(plain, tmp_path_factory.mktemp("one") / "audit")
+
+
+def record_set(path: Path) -> list[dict[str, Any]]:
+    """The records of a records file without timings, in a fixed order."""
+    rows = [strip(json.loads(line)) for line in path.read_text().splitlines()]
+    return sorted((r for r in rows if "sample" in r), key=lambda r: (r["attack"], str(r["eps"]), r["sample"]))
 
 
 def committed_units(path: Path) -> list[tuple]:
@@ -196,6 +203,17 @@ def test_shards_score_through_a_live_server_as_one_process_does(cluster, plain, 
         srv.stop()
     assert want.report["mode"]["scorer"].startswith("RemoteClassifier")
     assert_same_audit(got, want)
+
+
+def test_the_audit_command_starts_and_stops_its_own_local_cluster(plain, one_process, tmp_path):
+    """`advshield audit PIPELINE --ray` in a fresh process: a local cluster of its own, ended after."""
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "advshield", "audit", str(plain), "--ray", "--shards", "2",
+                           "--threads", "1", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == one_process.exit_code, proc.stderr[-3000:]
+    assert "ray: 2 shards of 4 batches" in proc.stdout
+    assert record_set(out / RECORDS) == record_set(one_process.out / RECORDS)
 
 
 def test_certification_on_ray_equals_one_process(cluster, plain, tmp_path):
