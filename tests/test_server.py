@@ -197,6 +197,11 @@ def test_requests_without_a_valid_token_are_unauthenticated(server, client, fash
     assert _code(e.value) == "UNAUTHENTICATED"
     with pytest.raises(RemoteError, match="UNAUTHENTICATED"):
         RemoteClassifier(server.url, MODEL, token=None if headers is None else "wrong")
+    with pytest.raises(InferenceServerException) as e:
+        client.is_model_ready(MODEL, headers=headers)  # names a model: closed
+    assert _code(e.value) == "UNAUTHENTICATED"
+    # liveness and readiness stay open for probes (Kubernetes, tritonclient's is_server_live)
+    assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
 
 
 # --- bad input: every case gets a clear error, and the server keeps answering --------------------

@@ -1,5 +1,7 @@
-"""Bearer-token authentication: a gRPC interceptor that answers UNAUTHENTICATED without the token
-(the health service stays open for probes)."""
+"""Bearer-token authentication: a gRPC interceptor that answers UNAUTHENTICATED without the token.
+Liveness and readiness stay open for probes (Kubernetes, tritonclient's ``is_server_live``): the
+grpc health service and KServe's ServerLive and ServerReady, which name nothing; model metadata,
+model readiness, inference and reflection need the token."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from advshield.plugin.server.metrics import Metrics
 
 
 class TokenAuth(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC except the health service (probes)."""
+    """Requires ``authorization: Bearer <token>`` on every RPC except the probes' (see the module)."""
 
     OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+    OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"})
 
     def __init__(self, token: str, metrics: Metrics) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -24,7 +27,7 @@ class TokenAuth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(self.OPEN_PREFIXES):
+        if method.startswith(self.OPEN_PREFIXES) or method in self.OPEN_METHODS:
             return continuation(handler_call_details)
         got = ""
         for key, value in handler_call_details.invocation_metadata or ():
