@@ -173,6 +173,11 @@ samples = 100
 batch_size = {16 if big else 100}
 eps_linf = [{", ".join(repr(k_ / 255) for k_ in eps_linf)}]   # {", ".join(f"{k_}/255" for k_ in eps_linf)}
 eps_l2 = {[0.25, 0.5, 1.0, 2.0] if big else [0.25, 0.5, 1.0, 1.5]}
+# the default cascade ends with the black-box stage: Square (1,000 queries per image at each eps it
+# runs) and HopSkipJump (1,000 per image) through the serving path; on a slow CPU model that is the
+# longest stage: `black_box = false` skips it, or list the attacks with smaller budgets, e.g.
+# attacks = ["ddn", "apgd_ce_linf", "apgd_t_linf", {{ name = "square_linf", queries = 300 }}]
+# black_box = false
 """
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
