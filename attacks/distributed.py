@@ -122,8 +122,9 @@ def connected(options: RayOptions) -> Iterator[Any]:
                 ray.init(num_cpus=options.local_cpus, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=options.address, log_to_driver=False)
-        except ConnectionError as e:
-            raise ConfigError(f"--ray {options.address}: cannot connect to a Ray cluster there: {e}") from None
+        except Exception as e:  # ConnectionError, or Ray's own errors: said with the address
+            what = "cannot start a local Ray cluster" if options.address == "local" else "cannot connect to a Ray cluster"
+            raise ConfigError(f"--ray {options.address}: {what}: {type(e).__name__}: {e}") from None
     try:
         yield ray
     finally:

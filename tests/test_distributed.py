@@ -365,3 +365,20 @@ def test_shard_flags_are_checked(plain, capsys):
     assert "only with --ray" in capsys.readouterr().err
     assert main(["audit", "merge", "a", "b"]) == 2
     assert "--out OUT" in capsys.readouterr().err
+
+
+
+
+def test_ray_auto_joins_the_running_cluster_from_another_process(cluster, plain, tmp_path):
+    """What a KubeRay job's entrypoint does: `--ray auto` finds the running cluster (this module's)
+    and its shards run there; the cluster stays up for its owner."""
+    out = tmp_path / "auto"
+    proc = subprocess.run([sys.executable, "-m", "advshield", "audit", str(plain), "--ray", "auto", "--quiet",
+                           "--samples", "16", "--attacks", "fgsm", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # the gate's verdict, not an error
+    assert "Connected to Ray cluster" in proc.stderr and "ray: 2 shards of 2 batches" in proc.stdout
+    run = json.loads((out / RAY_RUN).read_text())
+    assert run["shards"] == [[0, 1], [1, 2]] and run["units"] == 2 + 2 * 3  # clean + fgsm at 3 eps, per batch
+    assert cluster.is_initialized() and cluster.cluster_resources()["CPU"] == 2
