@@ -78,11 +78,12 @@ def audit(pipeline: PipelineLike, *, out: str | Path | None = None, samples: int
     cfg = with_data(load_pipeline(pipeline), data)
     set_torch_threads(threads or 0)  # 0: at most the CPUs this process has (affinity, cgroup quota)
     shards = ray_audit(cfg, _ray_options(ray), progress=progress) if ray is not None else None
+    certify_run = ray_certify(cfg, _ray_options(ray)) if ray is not None else None  # the certification stage too
     return audit_pipeline(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
                           attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
                           protocol=protocol,
                           target=target, token=token, fresh=fresh, certify=certify, certify_dir=certify_dir,
-                          progress=progress, command=command, shards=shards)
+                          progress=progress, command=command, shards=shards, certify_run=certify_run)
 
 
 def _ray_options(ray: str | RayOptions) -> RayOptions:

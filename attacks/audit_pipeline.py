@@ -105,7 +105,7 @@ def pipeline_info(cfg: PipelineConfig, checksums: dict[str, str], data: dict[str
 
 
 def _certification(cfg: PipelineConfig, out: Path, *, certify: bool | None, certify_dir: str | Path | None,
-                   fresh: bool, progress: bool, test: DataSplit
+                   fresh: bool, progress: bool, test: DataSplit, run: Callable[..., dict] = run_certification
                    ) -> tuple[dict[str, Any], list[dict[str, Any]], BaseForSigma, CertifySpec] | None:
     """(certify summary, certify records, base_for_sigma, spec) or None: read ``certify_dir``, or
     run the stage when asked (``certify``, or None with a [certify] section) into OUT/certify
@@ -134,8 +134,8 @@ def _certification(cfg: PipelineConfig, out: Path, *, certify: bool | None, cert
         print(f"certification: reusing {summary_path}")
     else:
         images = data.as_float(spec.start, stop)
-        summary = run_certification(base_for_sigma, output_classes(base_for_sigma, spec.sigmas[0], images), images,
-                                    data.labels[spec.start:stop], spec, folder, progress=progress)
+        summary = run(base_for_sigma, output_classes(base_for_sigma, spec.sigmas[0], images), images,
+                      data.labels[spec.start:stop], spec, folder, progress=progress)
         summary.pop("records", None)
         summary["data"] = data_info
         summary_path.write_text(json.dumps(summary, indent=2))
@@ -240,6 +240,7 @@ def audit_pipeline(
     progress: bool = True,
     command: str = "",
     shards: Callable[[Auditor, AuditInputs], None] | None = None,
+    certify_run: Callable[..., dict] | None = None,
 ) -> AuditResult:
     """Audit ``cfg``: the ``[audit]`` section with these overrides (None keeps the file's value).
 
@@ -248,7 +249,8 @@ def audit_pipeline(
     ``certify``: True runs the certification stage, False skips it, None runs it when the
     pipeline has a [certify] section; ``certify_dir`` reads an ``advshield certify`` output folder.
     ``shards(auditor, inputs)`` runs units elsewhere and merges them into ``auditor`` before it runs
-    what is left (``attacks/distributed.py``: shards on a Ray cluster).
+    what is left (``attacks/distributed.py``: shards on a Ray cluster); ``certify_run`` certifies
+    in the certification stage (``run_certification``'s signature; there: ``ray_certify``).
     """
     t_start = time.perf_counter()
     inputs = audit_inputs(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
@@ -280,7 +282,8 @@ def audit_pipeline(
 
     budget = None
     violations: list[dict[str, Any]] = []
-    cert = _certification(cfg, out, certify=certify, certify_dir=certify_dir, fresh=fresh, progress=progress, test=test)
+    cert = _certification(cfg, out, certify=certify, certify_dir=certify_dir, fresh=fresh, progress=progress, test=test,
+                          run=certify_run or run_certification)
     if cert is not None:
         summary, cert_rows, base_for_sigma, cspec = cert
         budget = distortion_budget(summary, metrics, cfg.gate.certified_accuracy_target)

@@ -235,6 +235,19 @@ def test_the_certify_command_runs_on_ray_and_resumes(cluster, plain, tmp_path, c
     assert (tmp_path / "c" / "certify_records.jsonl").read_text() == first
 
 
+def test_the_audits_certification_stage_runs_on_ray_too(cluster, tmp_path):
+    """`advshield audit --ray --certify`: the certificates too are shards; budget and report equal."""
+    path = _pipeline(tmp_path / "work", "fashion_mnist", samples=8, attacks=[{"name": "fgsm"}], certify_checks=2)
+    table = tomllib.loads(path.read_text())
+    table["certify"] = {"sigmas": [0.25], "samples": 4, "n0": 10, "n": 100, "batch_size": 100}
+    path.write_text(tomli_w.dumps(table))
+    want = audit(path, tmp_path / "one", certify=True)
+    got = audit(path, tmp_path / "ray", certify=True, ray=RayOptions(shards=2))
+    assert json.loads((tmp_path / "ray" / "certify" / RAY_RUN).read_text())["shards"] == [[0, 2], [2, 4]]
+    assert got.budget is not None and strip(got.budget) == strip(want.budget)
+    assert_same_audit(got, want)
+
+
 def test_random_pipeline_certificates_do_not_depend_on_the_shard(cluster, random_pipeline, tmp_path):
     kw: dict[str, Any] = {"sigmas": [0.25], "samples": 4, "n0": 10, "n": 100, "batch_size": 100, "progress": False}
     want = api.certify(random_pipeline, out=tmp_path / "one", **kw)
