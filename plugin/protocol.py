@@ -5,7 +5,9 @@ advshield's own gRPC server (``advshield.plugin.server``) and the generated Trit
 ``advshield.plugin.client`` work unchanged against either. Everything both sides must agree on
 is written down here, once:
 
-* model name: the pipeline's ``[pipeline] name`` (``cfg.pipeline.name``); version ``"1"``.
+* model name: the pipeline's ``[pipeline] name`` (``cfg.pipeline.name``); version ``"1"`` (a
+  request's version: ``""``, or ASCII digits read as an integer, so ``"01"`` is ``"1"``; anything
+  else is INVALID_ARGUMENT: ``version_number``).
 * inputs (send exactly one of them per request):
 
   - ``IMAGE``  BYTES ``[N, 1]``: encoded PNG/JPEG images, one per row (images of different
@@ -28,6 +30,11 @@ is written down here, once:
   such a number; anything else is INVALID_ARGUMENT naming the parameter: ``parse_seed``): seeds the pipeline's random defenses
   for this request; without it the server draws one. A random pipeline returns the seed it used
   as the response parameter ``seed``; a deterministic pipeline returns no seed.
+* other request parameters: ``timeout`` must be int64 (microseconds); a uint64 parameter of any
+  name is INVALID_ARGUMENT (Triton 2.51 refuses them); unknown names are ignored. An output asked
+  for twice comes back once; a tensor's data is either in ``raw_input_contents`` or in
+  ``contents``, never both. Where the two servers still differ: docs/deploy.md, "Where advshield
+  serve and Triton differ" (tests/test_conformance.py holds both to it).
 * model config parameters (``ModelConfig.parameters``, string values): ``class_names`` (JSON
   list), ``detector`` (detector type or ``""``), ``random`` (``"true"``/``"false"``).
 * ``max_batch_size``: the most images one request may carry (more is INVALID_ARGUMENT, as in
@@ -154,9 +161,9 @@ def quoted(value: object, limit: int = ECHO_LIMIT) -> str:
 
 
 def parse_seed(given: object) -> int:
-    """The ``seed`` request parameter, as either server received it (an int64/uint64 parameter,
-    or a string): an integer in [0, 2**63), or 1 to ``SEED_DIGITS`` ASCII digits of one.
-    Anything else (bool, float, signs, spaces, other scripts' digits) is a ``ParameterError``."""
+    """The ``seed`` request parameter, as either server received it (an int64 parameter, or a
+    string; both servers refuse uint64 parameters before this): an integer in [0, 2**63), or 1
+    to ``SEED_DIGITS`` ASCII digits of one. Anything else (bool, float, signs, spaces, other scripts' digits) is a ``ParameterError``."""
     value: object = given
     if isinstance(given, str) and given.isascii() and given.isdigit() and len(given) <= SEED_DIGITS:
         value = int(given)
@@ -164,6 +171,18 @@ def parse_seed(given: object) -> int:
         raise ParameterError(f"parameter '{PARAM_SEED}' must be an integer in [0, 2**63), got {quoted(given)} "
                              f"(an int64 parameter, or a string of 1 to {SEED_DIGITS} ASCII digits)")
     return value
+
+
+def version_number(version: str) -> str:
+    """A requested model version as Triton reads it: ``""`` (the latest), or an integer written in
+    ASCII digits, returned without leading zeros (``"01"`` is version ``"1"``, ``"0"`` stays ``"0"``).
+    Anything else (signs, spaces, letters, other scripts' digits) is a ``ParameterError``: Triton
+    answers those INVALID_ARGUMENT, and NOT_FOUND only for a well-formed version it lacks."""
+    if version == "":
+        return ""
+    if not (version.isascii() and version.isdigit()):
+        raise ParameterError(f"model version must be an integer > 0 written in ASCII digits, got {quoted(version)}")
+    return version.lstrip("0") or "0"
 
 
 # --- BYTES tensors: each element is a 4-byte little-endian length, then that many bytes -------

@@ -55,9 +55,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=self.ready.is_set())
 
     def ModelReady(self, request, context):
-        known = request.name == self.model_name and request.version in ("", P.MODEL_VERSION)
+        err = self._model_error(request.name, request.version)
+        if err is not None and err.code != grpc.StatusCode.NOT_FOUND:  # a malformed version, as Triton
+            self.metrics.count("ModelReady", err.code)
+            context.abort(err.code, err.message)
         self.metrics.count("ModelReady", grpc.StatusCode.OK)
-        return service_pb2.ModelReadyResponse(ready=known and self.ready.is_set())
+        return service_pb2.ModelReadyResponse(ready=err is None and self.ready.is_set())
 
     def ServerMetadata(self, request, context):
         self.metrics.count("ServerMetadata", grpc.StatusCode.OK)
@@ -65,9 +68,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                                   extensions=["model_configuration", "parameters"])
 
     def _model_error(self, name: str, version: str) -> RpcStatus | None:
+        """NOT_FOUND for another model or version; INVALID_ARGUMENT for a version that is not an
+        integer (``protocol.version_number``): Triton's codes, in Triton's order."""
+        try:
+            number = P.version_number(version)
+        except P.ParameterError as e:
+            return RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if name != self.model_name:
             return RpcStatus(grpc.StatusCode.NOT_FOUND, f"unknown model {P.quoted(name)}; this server serves {self.model_name!r}")
-        if version not in ("", P.MODEL_VERSION):
+        if number not in ("", P.MODEL_VERSION):
             return RpcStatus(grpc.StatusCode.NOT_FOUND,
                               f"unknown version {P.quoted(version)} of model {P.quoted(name)}; available: {P.MODEL_VERSION!r}")
         return None
@@ -201,6 +210,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if raw and len(raw) != len(request.inputs):
             raise RpcStatus(bad, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
         tensor = request.inputs[0]
+        if raw and tensor.HasField("contents"):  # which would count? Triton refuses it too
+            raise RpcStatus(bad, f"input {tensor.name!r}: contents must not be given together with raw_input_contents")
         spec = self.inputs[tensor.name]
         if tensor.datatype != spec.datatype:
             raise RpcStatus(bad, f"input {tensor.name!r}: expected datatype {spec.datatype}, got {P.quoted(tensor.datatype)}")
@@ -213,6 +224,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if n > self.spec.max_batch_size:
             raise RpcStatus(bad, f"input {tensor.name!r}: batch of {n} images exceeds max_batch_size "
                                   f"{self.spec.max_batch_size} of model {self.model_name!r}")
+        for key in request.parameters:
+            if request.parameters[key].WhichOneof("parameter_choice") == "uint64_param":  # as Triton 2.51
+                raise RpcStatus(bad, f"parameter {P.quoted(key)}: uint64 values are not accepted; "
+                                     f"send an int64, bool or string parameter")
         x = self._pixels(tensor, raw[0] if raw else None, n)
         return x, self._seed(request), self._wanted(request), self._timeout(request)
 
@@ -272,17 +287,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"unexpected output {P.quoted(name)} for model {self.model_name!r}; "
                                  f"available: {', '.join(P.OUTPUTS)}")
-        if len(set(wanted)) != len(wanted):
-            raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, f"output requested twice: {P.quoted(wanted)}")
-        return wanted
+        return list(dict.fromkeys(wanted))  # an output asked for twice comes once, as from Triton
 
     def _timeout(self, request) -> float:
         """Triton's per-request ``timeout`` parameter (microseconds), else the server default."""
         t = self.spec.request_timeout_s
         if "timeout" in request.parameters:
-            us = request.parameters["timeout"].int64_param
-            if us > 0:
-                t = min(t, us / 1e6)
+            p = request.parameters["timeout"]
+            if p.WhichOneof("parameter_choice") != "int64_param":
+                raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "parameter 'timeout': expected an int64 parameter (microseconds)")
+            if p.int64_param > 0:
+                t = min(t, p.int64_param / 1e6)
         return t
 
     def _response(self, request, wanted: list[str], result: dict[str, Any]):
