@@ -532,6 +532,55 @@ def test_idle_streams_do_not_starve_other_clients(reference, fashion_test):
         assert srv.streams.open == 0  # cancelled streams give their slots back
 
 
+def test_idle_and_old_streams_are_closed_and_give_their_slots_back(reference, fashion_test):
+    """A reflection stream whose client sends nothing is cancelled after stream_idle_s, one that
+    keeps talking is not; a health Watch is closed after stream_max_age_s; the slots they held
+    serve new streams, and ModelInfer answers throughout."""
+    x = fashion_test.as_float(0, 1)
+    quiet = threading.Event()
+
+    def nothing():
+        quiet.wait(30)
+        return
+        yield
+
+    def chatty():
+        while not quiet.is_set():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            time.sleep(0.3)
+
+    with _serve(reference, max_streams=3, stream_idle_s=1.0, stream_max_age_s=2.5) as srv:
+        url = f"127.0.0.1:{srv.port}"
+        ch = grpc.insecure_channel(url)
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+        try:
+            idle = reflect.ServerReflectionInfo(nothing())
+            talking = reflect.ServerReflectionInfo(chatty())
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            assert next(talking).list_services_response.service
+            time.sleep(0.5)
+            assert srv.streams.open == 3
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                next(idle)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+            assert time.monotonic() - t0 < 2.0  # closed at about 1 s idle, not at the 2.5 s age
+            answers = sum(1 for _ in zip(range(3), talking))  # still answering after the idle one went
+            assert answers == 3
+            assert _one(url, x, timeout=3)[0] == grpc.StatusCode.OK
+            with pytest.raises(grpc.RpcError) as e:
+                next(watch)  # no status change: the Watch ends at its maximum age
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+            time.sleep(0.3)
+            assert srv.streams.open == 0  # the talking stream reached its age too
+            again = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            assert next(again).list_services_response.service  # the slots were given back
+        finally:
+            quiet.set()
+            ch.close()
+
+
 def test_deadlines_client_server_and_queued(reference, fashion_test):
     x = fashion_test.as_float(0, 1)
     rec = Recording(reference, delay=0.8)

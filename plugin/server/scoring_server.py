@@ -46,7 +46,7 @@ class ScoringServer:
                                inflight=lambda: self.servicer.inflight)
         self.servicer: InferenceServicer = InferenceServicer(clf, spec, model_name, self.metrics, self.batcher)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.streams = StreamLimit(spec.max_streams, self.metrics)
+        self.streams = StreamLimit(spec.max_streams, self.metrics, spec.stream_idle_s, spec.stream_max_age_s)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
@@ -68,6 +68,7 @@ class ScoringServer:
                 ("grpc.max_receive_message_length", spec.max_message_bytes),
                 ("grpc.max_send_message_length", spec.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *([("grpc.max_connection_idle_ms", int(spec.connection_idle_s * 1000))] if spec.connection_idle_s else []),
             ],
             maximum_concurrent_rpcs=4 * workers,  # backstop: gRPC answers RESOURCE_EXHAUSTED beyond it
         )
@@ -105,7 +106,7 @@ class ScoringServer:
                   tls=bool(spec.tls_cert), auth=bool(self.token), metrics_port=self.metrics_port,
                   model=self.model_name, max_batch_size=spec.max_batch_size,
                   max_queue_delay_ms=spec.max_queue_delay_ms, max_inflight=spec.max_inflight,
-                  max_streams=spec.max_streams,
+                  max_streams=spec.max_streams, stream_idle_s=spec.stream_idle_s,
                   random=bool(getattr(self.clf, "random", False)), pid=os.getpid())
         return self
 

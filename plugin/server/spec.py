@@ -24,6 +24,9 @@ class ServeSpec:
     max_queue_delay_ms: float = 2.0  # how long the oldest queued request waits for company
     max_inflight: int = 64  # ModelInfer requests admitted at once; beyond: RESOURCE_EXHAUSTED
     max_streams: int = 16  # streaming RPCs open at once (reflection, health Watch); beyond: RESOURCE_EXHAUSTED
+    stream_idle_s: float = 60.0  # a reflection stream with no client message this long is closed (0: never)
+    stream_max_age_s: float = 3600.0  # any stream (health Watch too) open this long is closed (0: never)
+    connection_idle_s: float = 300.0  # a connection with no RPC this long is closed (0: never)
     max_message_bytes: int = 32 << 20  # gRPC receive/send limit
     request_timeout_s: float = 30.0  # deadline of a request whose client sets none
     grace_s: float = 10.0  # shutdown: how long in-flight requests may take to finish
@@ -42,6 +45,9 @@ class ServeSpec:
         check(0 <= self.max_queue_delay_ms <= 10_000, f"serve.max_queue_delay_ms: must be within [0, 10000], got {self.max_queue_delay_ms}")
         check(1 <= self.max_inflight <= 10_000, f"serve.max_inflight: must be within [1, 10000], got {self.max_inflight}")
         check(1 <= self.max_streams <= 1000, f"serve.max_streams: must be within [1, 1000], got {self.max_streams}")
+        check(self.stream_idle_s >= 0, f"serve.stream_idle_s: must be >= 0 (0: never), got {self.stream_idle_s}")
+        check(self.stream_max_age_s >= 0, f"serve.stream_max_age_s: must be >= 0 (0: never), got {self.stream_max_age_s}")
+        check(self.connection_idle_s >= 0, f"serve.connection_idle_s: must be >= 0 (0: never), got {self.connection_idle_s}")
         check(self.max_message_bytes >= 1024, f"serve.max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
         check(self.request_timeout_s > 0, f"serve.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         check(self.grace_s >= 0, f"serve.grace_s: must be >= 0, got {self.grace_s}")
