@@ -34,9 +34,55 @@ class PipelineInfo:
         )
 
 
+SERVED_INPUT_TYPES = ("FP32", "FP16", "FP64", "UINT8")  # what advshield can hand a served model
+SERVED_OUTPUT_TYPES = ("FP32", "FP16", "FP64")
+
+
+@dataclass(frozen=True)
+class ServedSpec:
+    """``[model] served``: a classifier that a Triton (KServe v2 gRPC) server already serves.
+
+    What is left empty is read from the server's ModelMetadata and ModelConfig (or, for ``deploy
+    triton``, from the model's config.pbtxt in the repository); what is given is checked against
+    them (``plugin/served.py``), every mismatch named. ``name = ""``: no served model."""
+
+    endpoint: str = ""  # host:port of its gRPC endpoint (serve, predict, audit; deploy triton does not need it)
+    name: str = ""  # the model's name in the server (its folder in the model repository)
+    version: str = ""  # "": the server's policy (latest)
+    input: str = ""  # input tensor name; "": the model's only input
+    output: str = ""  # output tensor name; "": the model's only output
+    datatype: str = ""  # of the input: FP32 | FP16 | FP64 | UINT8; "": the model's
+    timeout_s: float = 10.0  # deadline of each request to the model
+    retries: int = 3  # retries of a request answered UNAVAILABLE (exponential back-off)
+    concurrency: int = 2  # requests in flight when one classifier call needs several
+    batch_size: int = 0  # images per request; 0: the model's max_batch_size
+
+    def __post_init__(self) -> None:
+        check(self.name == "" or all(c.isalnum() or c in "-_." for c in self.name),
+              f"model.served.name: {self.name!r} must be letters, digits, '-', '_' or '.'")
+        check(self.name != "" or self.endpoint == "", "model.served: endpoint given without the model's name")
+        host, _, port = self.endpoint.rpartition(":")
+        check(self.endpoint == "" or (bool(host) and port.isdigit() and 0 < int(port) < 65536),
+              f"model.served.endpoint: expected HOST:PORT (the server's gRPC port), got {self.endpoint!r}")
+        check(self.version == "" or self.version.isdigit(),
+              f"model.served.version: expected \"\" (the server's latest) or an integer, got {self.version!r}")
+        check(self.datatype in ("", *SERVED_INPUT_TYPES),
+              f"model.served.datatype: {self.datatype!r} is not one advshield can feed; expected one of "
+              f"{', '.join(SERVED_INPUT_TYPES)} (or \"\": the model's)")
+        check(self.timeout_s > 0, f"model.served.timeout_s: must be > 0, got {self.timeout_s}")
+        check(self.retries >= 0, f"model.served.retries: must be >= 0, got {self.retries}")
+        check(self.concurrency >= 1, f"model.served.concurrency: must be >= 1, got {self.concurrency}")
+        check(self.batch_size >= 0, f"model.served.batch_size: must be >= 0 (0: the model's), got {self.batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.name)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    path: str
+    path: str = ""  # the ONNX file; with ``served``: the served model's ONNX twin (optional)
+    served: ServedSpec = field(default_factory=ServedSpec)  # a model Triton already serves
     sha256: str = ""  # verified when given
     surrogate: str = ""  # independently trained model for transfer attacks
     parity_tolerance: float = 1e-3  # max |logit difference| between the twin and ONNX Runtime
@@ -53,7 +99,9 @@ class ModelSpec:
     classes_file: str = ""  # one class name per line (relative to the pipeline file)
 
     def __post_init__(self) -> None:
-        check(bool(self.path), "model.path: must name an ONNX file")
+        check(bool(self.path) or self.served.enabled,
+              "model: give path (an ONNX file) or served (a model Triton already serves: "
+              "served = { endpoint = \"HOST:PORT\", name = \"...\" })")
         check(
             self.sha256 == "" or (len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)),
             f"model.sha256: {self.sha256!r} is not a lowercase hex sha256 (64 characters)",
@@ -88,6 +136,7 @@ class InputSpec:
     color: Literal["convert", "strict"] = "convert"  # strict: grey model rejects colour images
     max_bytes: int = 4 << 20  # encoded size limit
     max_pixels: int = 4096 * 4096  # decoded size limit (decompression bombs)
+    max_request_pixels: int = 2 * 4096 * 4096  # all of one request's images together, checked before any is decoded
     # why channels/height/width are still 0 (set when the pipeline is loaded without its model file)
     _unresolved: str = field(default="", init=False, repr=False, compare=False)
 
@@ -97,6 +146,7 @@ class InputSpec:
         check(self.max_bytes >= 64, f"input.max_bytes: must be >= 64, got {self.max_bytes}")
         check(0.0 < self.crop_fraction <= 1.0, f"input.crop_fraction: must be within (0, 1], got {self.crop_fraction}")
         check(self.max_pixels >= self.height * self.width, f"input.max_pixels: must be >= height*width = {self.height * self.width}, got {self.max_pixels}")
+        check(self.max_request_pixels >= self.max_pixels, f"input.max_request_pixels: must be >= input.max_pixels = {self.max_pixels}, got {self.max_request_pixels}")
 
     @property
     def resolved(self) -> bool:
@@ -269,6 +319,9 @@ class PipelineConfig:
     extra: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # sections of later stages
     # read from the model file when the pipeline is loaded (None while the file is missing)
     graph: GraphInfo | None = field(default=None, compare=False)
+    # a served model's tensors as its server (or its config.pbtxt) declares them, checked against
+    # [model] and [input] (``plugin/served.py``: ``ServedModel``); None until read
+    served: Any = field(default=None, compare=False)
     model_class_names: tuple[str, ...] = ()  # [model] classes, or the lines of classes_file
 
     def resolve(self, path: str) -> Path:
@@ -276,7 +329,20 @@ class PipelineConfig:
         return p if p.is_absolute() else (self.root / p).resolve()
 
     @property
+    def has_onnx(self) -> bool:
+        """True when [model] names an ONNX file (the model itself, or a served model's twin)."""
+        return bool(self.model.path)
+
+    @property
+    def served_model(self) -> bool:
+        """True when the classifier is a model Triton already serves ([model] served)."""
+        return self.model.served.enabled
+
+    @property
     def model_path(self) -> Path:
+        if not self.model.path:
+            raise ModelError(f"model: pipeline {self.pipeline.name!r} classifies with the served model "
+                             f"{self.model.served.name!r} and names no ONNX file ([model] path: its ONNX twin)")
         return self.resolve(self.model.path)
 
     @property
@@ -286,6 +352,8 @@ class PipelineConfig:
     @property
     def num_classes(self) -> int | None:
         """The model's number of classes K as its graph declares it (None: not known without running it)."""
+        if self.served is not None:
+            return int(self.served.num_classes)
         return self.graph.num_classes if self.graph is not None else None
 
     @property
@@ -294,7 +362,7 @@ class PipelineConfig:
         data set's class names, else "0" .. "K-1". A list whose length is not the model's K is a
         ``ConfigError`` naming both."""
         k = self.num_classes
-        if not k and self.model_path.is_file():
+        if not k and self.has_onnx and self.model_path.is_file():
             try:  # a class dimension the graph leaves open: the wrapped model ran a probe batch
                 k = self.wrapped_model().num_classes
             except ModelError:
@@ -304,9 +372,13 @@ class PipelineConfig:
             names, where = self.data.class_names_at(self.root), "data (its class names)"
         if names:
             if k and len(names) != k:
-                raise ConfigError(f"{where}: the pipeline names {len(names)} classes but {self.model_path.name} "
-                                  f"outputs {k}")
+                what = self.model_path.name if self.served is None else f"the served model {self.served.name!r}"
+                raise ConfigError(f"{where}: the pipeline names {len(names)} classes but {what} outputs {k}")
             return tuple(names)
+        if not k and not self.has_onnx:
+            raise ConfigError(f"model: the class names are read from the served model {self.model.served.name!r}, "
+                              f"which advshield has not asked yet (give classes in [model], or let serve/audit/"
+                              f"deploy read its config)")
         if not k:
             raise ConfigError(f"model: the class names are read from the model, and the model file {self.model_path} "
                               f"is missing (create it, or give classes in [model])")
@@ -331,7 +403,7 @@ class PipelineConfig:
 
     def files(self) -> dict[str, tuple[Path, str]]:
         """Every file the pipeline depends on: name -> (path, declared sha256 or '')."""
-        out = {"model": (self.model_path, self.model.sha256)}
+        out = {"model": (self.model_path, self.model.sha256)} if self.has_onnx else {}
         if self.surrogate_path is not None:
             out["surrogate"] = (self.surrogate_path, "")
         for name, a in self.artifacts.items():
@@ -427,6 +499,13 @@ def resolve_model(cfg: PipelineConfig) -> PipelineConfig:
     does not exist, the input stays unresolved (using its shape says the file is missing)."""
     m = cfg.model
     names = m.classes or (read_class_file(cfg.resolve(m.classes_file), "model.classes_file") if m.classes_file else ())
+    if not cfg.has_onnx:  # a served model without an ONNX twin: its server says the rest (plugin/served.py)
+        if not cfg.input.resolved:
+            object.__setattr__(cfg.input, "_unresolved",
+                               f"input: the input shape is read from the served model {m.served.name!r} when advshield "
+                               f"asks its server (serve, predict, audit) or its config.pbtxt (deploy triton); or give "
+                               f"channels, height and width in [input]")
+        return replace(cfg, model_class_names=names)
     path = cfg.model_path
     if not path.is_file():
         if not cfg.input.resolved:
