@@ -271,6 +271,7 @@ def audit_pipeline(
     probes = run_probes(setup, images, labels, auditor.correct, spec.seed, auditor=auditor, gate_eps=cfg.gate.gate_eps)
     if parity is not None:
         probes["serving_parity"] = parity
+    setup.mode["verdict_basis"] = verdict_basis(records, setup)
     metrics = compute_metrics(records, spec, setup.mode)
     if "black_box" in metrics:  # who answered the black-box queries, and under which limit
         bb = metrics["black_box"]
@@ -287,7 +288,7 @@ def audit_pipeline(
     if cert is not None:
         summary, cert_rows, base_for_sigma, cspec = cert
         budget = distortion_budget(summary, metrics, cfg.gate.certified_accuracy_target)
-        if spec.certify_checks and cert_rows:
+        if spec.certify_checks and cert_rows and setup.white_box:  # the check attacks the twin
             check = _certificate_check(cfg, setup, spec, out, images, records, cert_rows, base_for_sigma, cspec, progress)
             budget["certificate_check"] = check
             violations = check["violations"]
@@ -303,6 +304,25 @@ def audit_pipeline(
     paths = {"records": out / RECORDS, "probes": out / PROBES, "report_json": files.json,
              "report_md": files.markdown, "report_html": files.html}
     return AuditResult(out, spec, records, metrics, warnings, gate, report, probes, budget, paths)
+
+
+SOURCES = ("white-box", "transfer", "black-box")
+
+
+def verdict_basis(records: Sequence[dict[str, Any]], setup: Setup) -> dict[str, Any]:
+    """Which kinds of attack the verdict rests on: the sources of the attacks that ran (white-box
+    on the twin, transfer from the surrogate, black-box on the serving path's answers), and why
+    white-box attacks did not run when they did not (a served model without a twin)."""
+    ran = {r["source"] for r in records}
+    out: dict[str, Any] = {"sources": [s for s in SOURCES if s in ran], "white_box": bool(setup.white_box)}
+    served = setup.mode.get("served_model")
+    if served is not None:
+        out["classifier"] = served.get("classifier", "")
+        if not setup.white_box:
+            out["reason"] = served.get("reason", "")
+        if "twin_parity" in served:
+            out["twin_parity"] = served["twin_parity"]
+    return out
 
 
 def _certificate_check(cfg: PipelineConfig, setup: Setup, spec: AuditSpec, out: Path, images: np.ndarray,

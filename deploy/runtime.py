@@ -120,6 +120,16 @@ class Preprocess:
             detector = build_detector(self.cfg.detector.type, self.cfg.detector.config)
             self.squeezers = list(getattr(detector, "squeezers", []))
         self.random = any(d.random for d in self.defenses)
+        self.served = served_model(pipeline) if self.cfg.served_model else None
+
+    def to_model(self, x: np.ndarray) -> np.ndarray:
+        """Defended pixels as the served model takes them (normalization, layout, datatype:
+        ``plugin.served.to_model_input``); as they are for advshield's own classifier."""
+        if self.served is None:
+            return x
+        from advshield.plugin.served import to_model_input
+
+        return to_model_input(x, self.cfg.model, self.served)
 
     @property
     def outputs(self) -> list[str]:
@@ -161,7 +171,7 @@ class Preprocess:
             for d in self.defenses:
                 t = d(t, g)
             outs = [t] + [s(t, None) for s in self.squeezers]
-        return [o.float().cpu().numpy() for o in outs]
+        return [self.to_model(o.float().cpu().numpy()) for o in outs]
 
     def run(self, jobs: Sequence[Job]) -> list[list[np.ndarray]]:
         """Per job: [defended, squeezed_1, ..., squeezed_S]. Deterministic pipelines run all jobs as
@@ -247,6 +257,9 @@ class Postprocess:
         self.cfg = load_pipeline(pipeline)
         self.detector = load_detector(self.cfg)
         self.squeezers = len(getattr(self.detector, "squeezers", [])) if self.detector is not None else 0
+        # a served model's scores become logits here (plugin.served.to_logits); advshield's own
+        # classifier answers logits already (the wrapped graph)
+        self.output = self.cfg.model.output if self.cfg.served_model else "logits"
 
     @property
     def inputs(self) -> list[str]:
@@ -256,6 +269,10 @@ class Postprocess:
         torch = self.torch
         if len(squeezed) != self.squeezers:
             raise ValueError(f"postprocess: {self.squeezers} squeezed logits expected, got {len(squeezed)}")
+        if self.output != "logits":
+            from advshield.plugin.served import to_logits
+
+            logits, squeezed = to_logits(logits, self.output), [to_logits(s, self.output) for s in squeezed]
         n = len(logits)
         z = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
         probs = torch.softmax(z.float(), dim=1)
@@ -277,6 +294,21 @@ class Postprocess:
             P.OUTPUT_SCORE: score.reshape(n, 1).astype(np.float32),
             P.OUTPUT_FLAGGED: flagged.reshape(n, 1),
         }
+
+
+SERVED_JSON = "served.json"  # next to a generated model's pipeline.toml: the served model it feeds
+
+
+def served_model(pipeline: str | Path):
+    """The ``plugin.served.ServedModel`` that ``deploy triton`` checked and wrote as served.json
+    next to this model's pipeline.toml."""
+    from advshield.plugin.served import served_from_dict
+
+    path = Path(pipeline).with_name(SERVED_JSON)
+    try:
+        return served_from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: cannot read the served model's description ({e})") from None
 
 
 def split_rows(arrays: Mapping[str, np.ndarray], sizes: Sequence[int]) -> list[dict[str, np.ndarray]]:

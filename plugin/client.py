@@ -18,72 +18,22 @@ Triton ensemble (same wire contract, ``advshield.plugin.protocol``), over ``trit
 from __future__ import annotations
 
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from advshield.core.errors import AdvshieldError, ConfigError, InputError
+from advshield.core.errors import ConfigError, InputError
 from advshield.plugin import protocol as P
 from advshield.plugin.classifiers import validate_batch
+from advshield.plugin.endpoint import Endpoint, RateLimit, RemoteError
+
+__all__ = ["Endpoint", "RateLimit", "RemoteClassifier", "RemoteError", "parse_target", "serving_parity"]
 from advshield.plugin.pipeline import Prediction
 
 
-class RemoteError(AdvshieldError):
-    """The scoring server answered an error or cannot be reached; ``code`` is the gRPC status
-    name (e.g. ``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"``)."""
-
-    def __init__(self, message: str, code: str = "UNKNOWN", detail: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.detail = detail or message  # the server's own message
-
-
-def _status_name(e: Exception) -> str:
-    status = e.status() if hasattr(e, "status") else None
-    return str(status).removeprefix("StatusCode.") if status else "UNKNOWN"
-
-
-def _message(e: Exception) -> str:
-    msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
-    return str(msg)
-
-
-class RateLimit:
-    """A token bucket: ``acquire(n)`` blocks until n images may go out at ``rate`` images per
-    second. It starts empty (a new client never bursts) and saves at most one second's worth
-    while idle (or n, when one request is larger); rate 0: no limit."""
-
-    def __init__(self, rate: float = 0.0) -> None:
-        if rate < 0:
-            raise ConfigError(f"rate limit: must be >= 0 images per second (0: no limit), got {rate}")
-        self.rate = float(rate)
-        self._tokens = 0.0
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
-        self.waited = 0.0  # seconds spent waiting for tokens
-
-    def acquire(self, n: int) -> None:
-        if self.rate <= 0:
-            return
-        with self._lock:  # one waiter at a time keeps the order fair
-            now = time.monotonic()
-            cap = max(self.rate, float(n))
-            self._tokens = min(cap, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens < n:
-                wait = (n - self._tokens) / self.rate
-                time.sleep(wait)
-                self.waited += wait
-                self._tokens = float(n)
-                self._stamp = time.monotonic()
-            self._tokens -= n
-
-
-class RemoteClassifier:
+class RemoteClassifier(Endpoint):
     """A defended pipeline behind a KServe v2 gRPC endpoint ``url`` (``host:port``).
 
     ``model``: the served model's name; default: the one ready model with the advshield wire
@@ -97,31 +47,8 @@ class RemoteClassifier:
     def __init__(self, url: str, model: str | None = None, *, token: str | None = None, ssl: bool = False,
                  root_certificates: str | None = None, timeout: float = 30.0, batch_size: int | None = None,
                  rate: float = 0.0, concurrency: int = 1, retries: int = 3, backoff: float = 0.25) -> None:
-        import tritonclient.grpc as grpcclient
-
-        if concurrency < 1:
-            raise ConfigError(f"concurrency: must be >= 1 requests in flight, got {concurrency}")
-        if retries < 0 or backoff < 0:
-            raise ConfigError(f"retries and backoff: must be >= 0, got {retries} and {backoff}")
-        self.url = url
-        self.timeout = float(timeout)
-        self.limit = RateLimit(rate)
-        self.concurrency = int(concurrency)
-        self.retries, self.backoff = int(retries), float(backoff)
-        self._counts = {"images": 0, "requests": 0, "retries": 0}
-        self._busy = 0.0  # seconds inside predict calls
-        self._count_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self.headers = {P.AUTH_HEADER: f"Bearer {token}"} if token else None
-        ssl = ssl or root_certificates is not None
-        try:
-            self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
-        except Exception as e:
-            raise RemoteError(f"cannot connect to {url}: {_message(e)}", "UNAVAILABLE") from None
-        self._grpc = grpcclient
-        live = self._call(self.client.is_server_live, client_timeout=min(self.timeout, 10.0))
-        if not live:
-            raise RemoteError(f"the server at {url} reports it is not live", "UNAVAILABLE")
+        super().__init__(url, token=token, ssl=ssl, root_certificates=root_certificates, timeout=timeout, rate=rate,
+                         concurrency=concurrency, retries=retries, backoff=backoff)
         self.model_name = model or self._discover()
         meta = self._call(self.client.get_model_metadata, self.model_name, as_json=True)
         config = self._call(self.client.get_model_config, self.model_name, as_json=True)["config"]
@@ -139,18 +66,6 @@ class RemoteClassifier:
         self.random = params.get(P.CONFIG_RANDOM, "false") == "true"
         self.max_batch_size = int(config.get("max_batch_size", 0) or 0) or 64
         self.batch_size = min(batch_size or self.max_batch_size, self.max_batch_size)
-
-    # --- transport ---
-    def _call(self, fn, *args, **kwargs):
-        kwargs.setdefault("client_timeout", self.timeout)
-        try:
-            return fn(*args, headers=self.headers, **kwargs)
-        except self._grpc.InferenceServerException as e:
-            code, msg = _status_name(e), _message(e)
-            if code == "UNAVAILABLE" and "shutting down" not in msg:
-                raise RemoteError(f"cannot reach the scoring server at {self.url}: {msg} "
-                                  f"(is `advshield serve` or Triton running there?)", code) from None
-            raise RemoteError(f"{self.url}: {code}: {msg}", code, msg) from None
 
     def _discover(self) -> str:
         index = self._call(self.client.get_model_repository_index, as_json=True).get("models", [])
@@ -172,20 +87,7 @@ class RemoteClassifier:
         inp.set_data_from_numpy(data)
         outputs = [self._grpc.InferRequestedOutput(n) for n in P.OUTPUTS]
         params = {P.PARAM_SEED: int(seed)} if seed is not None else None
-        self.limit.acquire(len(data))
-        for attempt in range(self.retries + 1):
-            try:
-                res = self._call(self.client.infer, self.model_name, [inp], outputs=outputs, parameters=params)
-                break
-            except RemoteError as e:
-                if e.code != "UNAVAILABLE" or attempt == self.retries:
-                    raise
-                with self._count_lock:
-                    self._counts["retries"] += 1
-                time.sleep(self.backoff * 2**attempt)
-        with self._count_lock:
-            self._counts["images"] += len(data)
-            self._counts["requests"] += 1
+        res = self.send(self.model_name, [inp], outputs, images=len(data), parameters=params)
         arrays = {n: res.as_numpy(n) for n in P.OUTPUTS}
         resp = res.get_response()
         used = int(resp.parameters[P.PARAM_SEED].int64_param) if P.PARAM_SEED in resp.parameters else None
@@ -195,12 +97,7 @@ class RemoteClassifier:
         t0 = time.perf_counter()
         jobs = [(name, datatype, data, None if seed is None else (seed + k) % P.SEED_LIMIT)
                 for k, (name, datatype, data) in enumerate(chunks)]
-        if self.concurrency > 1 and len(jobs) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="advshield-client")
-            done = list(self._pool.map(lambda j: self._infer(*j), jobs))
-        else:
-            done = [self._infer(*j) for j in jobs]
+        done = self.map(lambda j: self._infer(*j), jobs)
         parts = [a for a, _ in done]
         seeds = [u for _, u in done]
         self._busy += time.perf_counter() - t0
@@ -241,36 +138,6 @@ class RemoteClassifier:
         pred = self.predict(x)
         logp = np.log(np.maximum(pred.probs, np.finfo(np.float32).tiny))
         return torch.from_numpy(logp).to(x.device if isinstance(x, torch.Tensor) else "cpu")
-
-    def stats(self) -> dict[str, Any]:
-        """What this client sent: images, requests, retries on UNAVAILABLE, seconds waited for the
-        rate limit, seconds in predict calls and the achieved images per second over them."""
-        with self._count_lock:
-            out: dict[str, Any] = dict(self._counts)
-        out.update({"rate_limit": self.limit.rate, "concurrency": self.concurrency,
-                    "rate_limit_wait_seconds": round(self.limit.waited, 3), "seconds": round(self._busy, 3),
-                    "images_per_second": out["images"] / self._busy if self._busy > 0 else None})
-        return out
-
-    def add_stats(self, other: dict[str, Any]) -> None:
-        """Count another client's requests (``stats()`` of a shard's client, ``attacks/distributed.py``)
-        as this one's, so the audit's totals include every shard."""
-        with self._count_lock:
-            for key in self._counts:
-                self._counts[key] += int(other.get(key, 0))
-            self._busy += float(other.get("seconds", 0.0))
-        self.limit.waited += float(other.get("rate_limit_wait_seconds", 0.0))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self.client.close()
-
-    def __enter__(self) -> RemoteClassifier:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RemoteClassifier({self.url}, model={self.model_name!r})"

@@ -23,7 +23,9 @@ training split (``fit_counts``); a count that was given and does not fit is an e
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +45,7 @@ from advshield.defenses.registry import build_defense, build_detector
 from advshield.plugin.classifiers import classifier_from_config
 from advshield.plugin.datasets import load_data
 from advshield.plugin.pipeline import DefendedClassifier
+from advshield.plugin.served import ServedClassifier, served_to_dict
 from advshield.plugin.split import IMAGE_LAYER, attach_feature_defenses, bind_feature_extractors, layer_of
 
 
@@ -114,7 +117,14 @@ def fit_counts(cfg: Any, spec: FitSpec, n_fit: int, n_cal: int, train: Dataset) 
 def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: Any = None) -> dict[str, Any]:
     """Fit every defense with ``needs_fit`` and calibrate the detector; returns a summary."""
     t_start = time.perf_counter()
-    model_sha = sha256_file(cfg.model_path) if cfg.model_path.is_file() else ""
+    if cfg.served_model and classifier is None and cfg.detector is not None:
+        classifier = ServedClassifier(cfg)  # the model Triton serves scores the calibration images
+        cfg = classifier.config
+    if cfg.served_model and not cfg.has_onnx:  # no file: the served model's description identifies it
+        described = json.dumps(served_to_dict(cfg.served), sort_keys=True) if cfg.served is not None else cfg.model.served.name
+        model_sha = hashlib.sha256(described.encode()).hexdigest()
+    else:
+        model_sha = sha256_file(cfg.model_path) if cfg.model_path.is_file() else ""
     if not model_sha:
         raise ModelError(f"model not found: {cfg.model_path}")
     if cfg.model.sha256 and cfg.model.sha256 != model_sha:

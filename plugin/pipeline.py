@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from advshield.core.errors import ConfigError
 from advshield.core.validation import from_mapping
 from advshield.defenses.base import Defense, verify_artifact
 from advshield.defenses.registry import build_defense, build_detector
@@ -20,6 +21,7 @@ from advshield.plugin.classifiers import Classifier, classifier_from_config
 from advshield.plugin.config import PipelineConfig, load_pipeline
 from advshield.plugin.decode import decode_image
 from advshield.plugin.pixels import to_pixels
+from advshield.plugin.served import ServedClassifier
 from advshield.plugin.smoothing import SmoothedClassifier, SmoothingConfig
 from advshield.plugin.split import attach_feature_defenses
 
@@ -102,6 +104,14 @@ class DefendedClassifier:
         if not isinstance(cfg, PipelineConfig):
             cfg = load_pipeline(cfg)
         cfg.checksums(verify=True)
+        if cfg.served_model:
+            bad = [e.type for e in cfg.defenses if getattr(e.config, "layer", "image") not in ("image", "")]
+            if bad:
+                raise ConfigError(f"defenses: {bad} run on a feature layer, which needs the model's graph; a model "
+                                  f"Triton serves ([model] served) is called whole: use layer = \"image\"")
+        if classifier is None and cfg.served_model:  # the model Triton serves, over gRPC (plugin/served.py)
+            served = ServedClassifier(cfg)
+            cfg, classifier = served.config, served
         clf = classifier or classifier_from_config(cfg)
         # defenses on a feature layer (config `layer` = a tensor name) run inside the split model
         clf, image_steps = attach_feature_defenses(cfg, clf, load_defenses(cfg))

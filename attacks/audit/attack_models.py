@@ -26,6 +26,8 @@ from advshield.attacks.adaptive import (
 from advshield.attacks.audit.spec import AuditSpec
 from advshield.attacks.primitives import Counted
 from advshield.attacks.transfer import load_surrogates, surrogate_model
+from advshield.core.errors import ConfigError, ParityError
+from advshield.plugin.classifiers import parity, parity_batch, twin_from_config
 from advshield.plugin.pipeline import DefendedClassifier
 
 
@@ -45,6 +47,45 @@ class Setup:
     mode: dict[str, Any] = field(default_factory=dict)  # how the models were built, for the report
     twin: Callable[[torch.Tensor], torch.Tensor] | None = None  # the pipeline's differentiable classifier
     defenses: Sequence[Any] = ()  # the pipeline's defense steps (whatever the mode)
+    white_box: bool = True  # False: no differentiable twin (a served model without one): transfer and black-box only
+
+
+class NoGradients:
+    """Stands in for the twin of a served model audited without one: the runner and the probes skip
+    every attack that needs gradients, and calling it anyway is an error that says why."""
+
+    def __init__(self, classifier: Any, reason: str) -> None:
+        self.input_shape = classifier.input_shape
+        self.num_classes = classifier.num_classes
+        self.reason = reason
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(f"white-box attacks need gradients: {self.reason}")
+
+
+def served_twin(cfg: Any, defended: DefendedClassifier, probe: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+    """The ONNX twin of a served model ([model] path), parity-checked twice: the twin against ONNX
+    Runtime on its own file, then against the served model's answers on the probe batch and the
+    audit's images. A mismatch refuses the white-box audit (``ParityError`` with the figures).
+    Without [model] path: (None, the reason)."""
+    served = cfg.model.served
+    if not cfg.has_onnx:
+        return None, {"white_box": False, "reason": f"no ONNX twin of the served model {served.name!r} "
+                                                    f"([model] path): gradient attacks cannot run"}
+    twin = twin_from_config(defended.config, device=cfg.model.device, check_with=probe, validate=False)
+    x = torch.cat([parity_batch(defended.input_shape), probe.detach().float().cpu()])
+    report = parity(defended.classifier, twin, x, cfg.model.parity_tolerance)
+    figures = {"max_abs_logit_diff": report.max_abs_diff, "tolerance": report.tolerance, "images": report.samples,
+               "argmax_agreement": report.argmax_agreement}
+    if not report.ok:
+        raise ParityError(
+            f"white-box audit refused: the ONNX twin {cfg.model_path.name} and the served model {served.name!r} at "
+            f"{served.endpoint} disagree: max |logit difference| {report.max_abs_diff:.4g} > parity_tolerance "
+            f"{report.tolerance:.4g} on {report.samples} images (argmax agreement {report.argmax_agreement:.1%}). "
+            f"Give the ONNX file the server really runs (and its [model] normalization, layout, output), raise "
+            f"[model] parity_tolerance if the difference is the server's precision (e.g. FP16), or remove [model] path "
+            f"to audit with transfer and black-box attacks only")
+    return twin, {"white_box": True, "twin_parity": figures}
 
 
 def counted(model: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -61,7 +102,14 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
     the in-process serving path. ``probe``: clean images to measure randomness on."""
     defended = DefendedClassifier.from_config(cfg)
     scorer = scorer if scorer is not None else defended
-    twin = twin_of(defended, check_with=probe)
+    basis: dict[str, Any] = {"white_box": True}
+    if cfg.served_model:  # the classifier is a model Triton serves: white-box only through a checked twin
+        twin, basis = served_twin(cfg, defended, probe)
+        if twin is None:
+            twin = NoGradients(defended.classifier, basis["reason"])
+        basis["classifier"] = repr(defended.classifier)
+    else:
+        twin = twin_of(defended, check_with=probe)
     features = feature_steps(twin)  # feature-layer steps, inside the (split) twin
     declared = bool(defended.random) or any(d.random for g in features.values() for d in g)
     measured = bool(defended.defenses) and is_random(lambda x, g: defended.defend(x, g), probe)
@@ -108,6 +156,9 @@ def build_setup(cfg: Any, spec: AuditSpec, probe: torch.Tensor, *, scorer: Score
     if asked and surrogate is None:  # said in the report (the surrogate is optional), not silently dropped
         why = "[audit] transfer = false" if not spec.transfer else "the pipeline has no [model] surrogate"
         mode["transfer_skipped"] = f"{why}: transfer attack{'s' if len(asked) > 1 else ''} {', '.join(asked)} not run"
+    if cfg.served_model:  # what the verdict can rest on (completed by the audit with the sources that ran)
+        mode["served_model"] = basis
     if features:  # only for split pipelines: the other audits' settings (and resume fingerprints) stay as they were
         mode["feature_layers"] = {layer: [d.name for d in g] for layer, g in attacked.items()}
-    return Setup(scorer, model, surrogate, mode, twin, list(defended.defenses))
+    white = bool(basis["white_box"])
+    return Setup(scorer, model, surrogate, mode, twin if white else None, list(defended.defenses), white_box=white)

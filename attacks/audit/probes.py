@@ -235,6 +235,9 @@ def run_probes(setup: Setup, images: np.ndarray, labels: np.ndarray, correct: np
     probes: dict[str, Any] = {"mode": setup.mode}
     x = torch.from_numpy(np.ascontiguousarray(images[: max(n, 1)], np.float32))
     probes["randomness"] = randomness_probe(setup.scorer, x)
+    if not setup.white_box:  # no differentiable twin: the gradient, BPDA and attack probes cannot run
+        probes["skipped"] = "no differentiable twin (a served model audited with transfer and black-box attacks only)"
+        return probes
     if len(pos):
         xs = torch.from_numpy(np.ascontiguousarray(images[pos], np.float32))
         ys = torch.from_numpy(np.asarray(labels[pos], np.int64))

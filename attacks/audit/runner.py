@@ -179,7 +179,8 @@ class Auditor:
         # (without one they would repeat PGD); the report's mode says whether attacks were detector-aware
         aware = bool(self.setup.mode.get("detector_aware"))
         white = [e for e in spec.entries
-                 if not e.transfer and not e.black_box and (aware or e.name not in DETECTOR_ATTACKS)]
+                 if not e.transfer and not e.black_box and (aware or e.name not in DETECTOR_ATTACKS)
+                 and self.setup.white_box]  # a served model without a twin: no gradient attacks
         transfer = [e for e in spec.entries if e.transfer] if spec.transfer and self.surrogate is not None else []
         # the black-box stage: after every attack that had gradients, on what they left robust
         black = [e for e in spec.entries if e.black_box] if spec.black_box else []
@@ -195,7 +196,7 @@ class Auditor:
                             add(e, eps, e.source)
         if self.only is not None:
             return [u for u in out if u.batch in self.only]
-        if spec.sanity_eps > 0 and spec.sanity_samples > 0:
+        if spec.sanity_eps > 0 and spec.sanity_samples > 0 and self.setup.white_box:
             out.append(Unit("sanity_pgd_linf", "pgd_linf", MappingProxyType({}), "budget", "linf", "sanity",
                             spec.sanity_eps, 0))
         return out
