@@ -31,6 +31,7 @@ from advshield.attacks.deepfool import deepfool
 from advshield.attacks.detector_attacks import detector_sweep, opgd
 from advshield.attacks.gradient import apgd, apgd_t, bim, fgsm, pgd
 from advshield.attacks.hopskipjump import hop_skip_jump
+from advshield.attacks.smooth import qpgd2, qpgd_l2, scw_l2
 from advshield.attacks.square import square
 from advshield.core.errors import ConfigError
 
@@ -118,6 +119,14 @@ for _spec in (
     AttackSpec("deepfool", deepfool, "minimal", "l2", _p({"steps": 50, "overshoot": 0.02}), "candidates per iteration, <= steps"),
     AttackSpec("ddn", ddn, "minimal", "l2", _p({"steps": 100, "init_eps": 1.0, "gamma": 0.05, "levels": 256}), "steps"),
     AttackSpec("bp", bp, "minimal", "l2", _p({"steps": 100, "alpha": 2.0, "gamma_min": 0.7, "levels": 256}), "steps"),
+):
+    register_attack(_spec)
+
+# Smooth attacks (thesis ch. 4, attacks/smooth.py): perturbations smooth like the input image.
+for _spec in (
+    AttackSpec("scw_l2", scw_l2, "minimal", "l2", _p({"binary_search_steps": 5, "steps": 20}), "binary_search_steps * steps"),
+    AttackSpec("qpgd2", qpgd2, "minimal", "l2", _p({"search_steps": 6, "steps": 20}), "search_steps * steps"),
+    AttackSpec("qpgd_l2", qpgd_l2, "budget", "l2", _p({"steps": 40}), "steps"),
 ):
     register_attack(_spec)
 

@@ -138,20 +138,18 @@ class Preprocess:
     def parse(self, image: np.ndarray | None, pixels: np.ndarray | None, params: Any = None) -> Job:
         """One request's inputs -> ``Job``; a ``RequestError`` naming the tensor and image index."""
         from advshield.plugin.classifiers import validate_batch
-        from advshield.plugin.decode import decode_image
+        from advshield.plugin.decode import decode_images
 
         if (image is None) == (pixels is None):
             got = [n for n, t in ((P.INPUT_IMAGE, image), (P.INPUT_PIXELS, pixels)) if t is not None]
             raise RequestError(f"send one input per request, either {P.INPUT_IMAGE} or {P.INPUT_PIXELS}, got {got}")
         seed = parse_seed(params)
         if image is not None:
-            items = np.asarray(image, dtype=object).reshape(-1)
-            x = np.empty((len(items), *self.shape), np.float32)
-            for i, data in enumerate(items):
-                try:
-                    x[i] = decode_image(bytes(data) if isinstance(data, bytes | bytearray) else data, self.spec)
-                except ImageError as e:
-                    raise RequestError(f"{P.INPUT_IMAGE}[{i}]: {e}") from None
+            items = [bytes(d) if isinstance(d, bytes | bytearray) else d for d in np.asarray(image, dtype=object).reshape(-1)]
+            try:  # every header first, then the request's pixel budget, then the pixels
+                x = decode_images(items, self.spec, P.INPUT_IMAGE)
+            except ImageError as e:
+                raise RequestError(str(e)) from None
         else:
             x = np.asarray(pixels)
             try:

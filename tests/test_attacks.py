@@ -210,6 +210,7 @@ def test_registry_names_every_attack_with_its_kind():
                      "opgd_linf": "budget", "opgd_l2": "budget", "detector_sweep_linf": "budget",
                      "detector_sweep_l2": "budget",
                      "cw_l2": "minimal", "deepfool": "minimal", "ddn": "minimal", "bp": "minimal",
+                     "scw_l2": "minimal", "qpgd2": "minimal", "qpgd_l2": "budget",
                      "square_linf": "budget", "square_l2": "budget", "hsj_l2": "minimal", "hsj_linf": "minimal"}
     assert {n for n, s in ATTACKS.items() if s.black_box} == {"square_linf", "square_l2", "hsj_l2", "hsj_linf"}
     assert get_attack("ddn").defaults["gamma"] == 0.05 and get_attack("ddn").defaults["init_eps"] == 1.0
