@@ -30,12 +30,19 @@ from advshield.core.errors import ImageError
 from advshield.core.resources import copy_examples as _copy_examples
 from advshield.deploy.triton import Repository, generate_repository
 from advshield.init_pipeline import InitResult, init_pipeline
-from advshield.plugin.classifiers import classifier_from_config, set_torch_threads, twin_from_config
+from advshield.plugin.classifiers import (
+    classifier_from_config,
+    parity_batch,
+    set_torch_threads,
+    twin_from_config,
+)
+from advshield.plugin.classifiers import parity as class_parity
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.config import load_pipeline as _load_pipeline
 from advshield.plugin.datasets import with_data
 from advshield.plugin.fitting import fit_pipeline, fit_spec
 from advshield.plugin.pipeline import DefendedClassifier, Prediction
+from advshield.plugin.served import ServedClassifier
 from advshield.plugin.server import ScoringServer, build_server, serve_spec
 from advshield.plugin.server import serve as _serve_forever
 from advshield.training import train_models
@@ -141,21 +148,36 @@ def info(pipeline: PipelineLike, *, parity: bool = False) -> dict[str, Any]:
     cfg = load_pipeline(pipeline)
     sums = cfg.checksums(verify=True)
     files = cfg.files()
-    wrapped = cfg.wrapped_model()
+    served = None
+    if cfg.served_model and cfg.model.served.endpoint:  # ask its server (ModelMetadata, ModelConfig), check it
+        served = ServedClassifier(cfg)
+        cfg = served.config
+    wrapped = cfg.wrapped_model() if cfg.has_onnx else None
     report: dict[str, Any] = {
         "pipeline": cfg.pipeline.name,
         "source": str(cfg.source),
-        "input": list(cfg.input.shape),
-        "model": {**wrapped.describe(), "model_input": wrapped.graph.describe_input()},
+        "input": list(cfg.input.shape) if cfg.input.resolved else None,
+        "model": {**wrapped.describe(), "model_input": wrapped.graph.describe_input()} if wrapped is not None else None,
         "class_names": list(cfg.class_names),
         "defenses": [e.type for e in cfg.defenses],
         "detector": cfg.detector.type if cfg.detector else None,
         "random": cfg.random,
         "files": {k: {"path": str(files[k][0]), "sha256": v} for k, v in sums.items()},
     }
-    if parity:
+    if served is not None:
+        report["served_model"] = {**served.model.describe(), "output_kind": served.output, "endpoint": served.url}
+    elif cfg.served_model:
+        report["served_model"] = {"name": cfg.model.served.name, "endpoint": None}
+    if parity and wrapped is not None:
         twin = twin_from_config(cfg, device="cpu", reference=classifier_from_config(cfg, device="cpu"))
         report["twin_parity_max_abs_diff"] = twin.parity.max_abs_diff
+        if served is not None:  # the twin against what the server answers: what a white-box audit needs
+            x = parity_batch(cfg.input.shape)
+            p = class_parity(served, twin, x, cfg.model.parity_tolerance)
+            report["served_parity"] = {"max_abs_logit_diff": p.max_abs_diff, "tolerance": p.tolerance,
+                                       "images": p.samples, "argmax_agreement": p.argmax_agreement, "ok": p.ok}
+    if served is not None:
+        served.close()
     return report
 
 

@@ -54,6 +54,7 @@ from advshield.plugin.client import RemoteClassifier, parse_target, serving_pari
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.datasets import DataSplit, evaluated, load_data
 from advshield.plugin.pipeline import DefendedClassifier
+from advshield.plugin.served import resolve_served
 
 
 @dataclass
@@ -177,6 +178,8 @@ def audit_inputs(cfg: PipelineConfig, *, out: str | Path | None = None, samples:
     if attacks:
         spec = spec.select(attacks)
     spec = spec.with_gate_eps(cfg.gate.gate_eps)
+    if cfg.served_model and cfg.served is None:  # the served model's shape and classes, from its server (checked)
+        cfg = resolve_served(cfg)
     checksums = cfg.checksums(verify=True)
     test = load_data(cfg, "test")
     data = test.data
@@ -253,6 +256,8 @@ def audit_pipeline(
     in the certification stage (``run_certification``'s signature; there: ``ray_certify``).
     """
     t_start = time.perf_counter()
+    if cfg.served_model and cfg.served is None:
+        cfg = resolve_served(cfg)
     inputs = audit_inputs(cfg, out=out, samples=samples, start=start, batch_size=batch_size, seed=seed,
                           attacks=attacks, adaptive=adaptive, eot_samples=eot_samples, detector_aware=detector_aware,
                           protocol=protocol, target=target, token=token)
@@ -271,7 +276,8 @@ def audit_pipeline(
     probes = run_probes(setup, images, labels, auditor.correct, spec.seed, auditor=auditor, gate_eps=cfg.gate.gate_eps)
     if parity is not None:
         probes["serving_parity"] = parity
-    setup.mode["verdict_basis"] = verdict_basis(records, setup)
+    setup.mode["verdict_basis"] = verdict_basis({r["source"] for r in records} | {u.source for u in auditor.units()},
+                                                setup)
     metrics = compute_metrics(records, spec, setup.mode)
     if "black_box" in metrics:  # who answered the black-box queries, and under which limit
         bb = metrics["black_box"]
@@ -309,11 +315,11 @@ def audit_pipeline(
 SOURCES = ("white-box", "transfer", "black-box")
 
 
-def verdict_basis(records: Sequence[dict[str, Any]], setup: Setup) -> dict[str, Any]:
-    """Which kinds of attack the verdict rests on: the sources of the attacks that ran (white-box
-    on the twin, transfer from the surrogate, black-box on the serving path's answers), and why
-    white-box attacks did not run when they did not (a served model without a twin)."""
-    ran = {r["source"] for r in records}
+def verdict_basis(ran: set[str], setup: Setup) -> dict[str, Any]:
+    """Which kinds of attack the verdict rests on: the sources of the attacks the audit ran
+    (``ran``: white-box on the twin, transfer from the surrogate, black-box on the serving path's
+    answers; an attack whose samples earlier ones had all broken still counts), and why white-box
+    attacks did not run when they did not (a served model without a twin)."""
     out: dict[str, Any] = {"sources": [s for s in SOURCES if s in ran], "white_box": bool(setup.white_box)}
     served = setup.mode.get("served_model")
     if served is not None:

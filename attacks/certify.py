@@ -32,6 +32,7 @@ from advshield.plugin.client import RemoteClassifier, parse_target
 from advshield.plugin.config import PipelineConfig
 from advshield.plugin.datasets import evaluated, load_data
 from advshield.plugin.pipeline import DefendedClassifier
+from advshield.plugin.served import resolve_served
 from advshield.plugin.smoothing import (
     ABSTAIN,
     SmoothedClassifier,
@@ -265,6 +266,8 @@ def certify_pipeline(cfg: PipelineConfig, spec: CertifySpec, out: Path, *, targe
     through a live endpoint (``target`` = grpc://HOST:PORT[/MODEL]); write records, summary, plot.
     ``run``: what certifies the images, ``run_certification``'s signature (``attacks/distributed.py``:
     shards on a Ray cluster)."""
+    if cfg.served_model and cfg.served is None:  # the served model's shape and classes, from its server
+        cfg = resolve_served(cfg)
     test = load_data(cfg, "test")
     data = test.data
     stop = min(spec.start + spec.samples, len(data))

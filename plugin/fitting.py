@@ -45,7 +45,7 @@ from advshield.defenses.registry import build_defense, build_detector
 from advshield.plugin.classifiers import classifier_from_config
 from advshield.plugin.datasets import load_data
 from advshield.plugin.pipeline import DefendedClassifier
-from advshield.plugin.served import ServedClassifier, served_to_dict
+from advshield.plugin.served import ServedClassifier, resolve_served, served_to_dict
 from advshield.plugin.split import IMAGE_LAYER, attach_feature_defenses, bind_feature_extractors, layer_of
 
 
@@ -120,6 +120,8 @@ def fit_pipeline(cfg: Any, spec: FitSpec, *, progress: bool = True, classifier: 
     if cfg.served_model and classifier is None and cfg.detector is not None:
         classifier = ServedClassifier(cfg)  # the model Triton serves scores the calibration images
         cfg = classifier.config
+    elif cfg.served_model and cfg.served is None:
+        cfg = resolve_served(cfg)  # its shape and classes, from its server
     if cfg.served_model and not cfg.has_onnx:  # no file: the served model's description identifies it
         described = json.dumps(served_to_dict(cfg.served), sort_keys=True) if cfg.served is not None else cfg.model.served.name
         model_sha = hashlib.sha256(described.encode()).hexdigest()

@@ -76,7 +76,28 @@ def cmd_info(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"pipeline  {cfg.pipeline.name}  ({cfg.source})")
+    sm = report.get("served_model")
+    if sm is not None:
+        if sm.get("endpoint"):
+            print(f"served    {sm['name']} ({sm['platform']}, max_batch_size {sm['max_batch_size']}) at {sm['endpoint']}: "
+                  f"input {sm['input']} ({sm['layout'].upper()}), output {sm['output']} read as {sm['output_kind']}, "
+                  f"{sm['classes']} classes")
+        else:
+            print(f"served    {sm['name']} (no [model] served.endpoint: not asked)")
+    if "served_parity" in report:
+        sp = report["served_parity"]
+        print(f"twin vs served model: max |logit difference| {sp['max_abs_logit_diff']:.3g} (tolerance "
+              f"{sp['tolerance']:g}) on {sp['images']} images, argmax agreement {sp['argmax_agreement']:.1%}: "
+              f"{'white-box audits possible' if sp['ok'] else 'MISMATCH: a white-box audit would be refused'}")
     m = report["model"]
+    if m is None:  # a served model without an ONNX twin
+        print(f"input     {report['input'] or 'read from the server'}; no ONNX twin: audits run transfer and "
+              f"black-box attacks only")
+        print(f"defenses  {', '.join(report['defenses']) or '(none)'}")
+        print(f"detector  {report['detector'] or '(none)'}")
+        for name, f in report["files"].items():
+            print(f"{name:<22} {f['sha256']}  {f['path']}")
+        return 0
     norm = ", ".join(f"{k} {v}" for k, v in (("scale", m["scale"]), ("mean", m["mean"]), ("std", m["std"]))
                      if v not in (1.0, [])) or "none (pixels in [0, 1])"
     print(f"input     {m['input']} pixels in [0, 1], resize={cfg.input.resize}")

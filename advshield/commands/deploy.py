@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from advshield.core.errors import ConfigError
 from advshield.deploy.triton import generate_repository, serve_repository
@@ -71,6 +72,10 @@ def cmd_triton(args: argparse.Namespace) -> int:
         c = repo.config(m)
         kind = c.platform or c.backend
         print(f"  {m:<32} {kind:<12} max_batch_size {c.max_batch_size}")
+    served = json.loads((repo.root / repo.ensemble / "advshield-manifest.json").read_text()).get("served_model")
+    if served:
+        print(f"  {served['name']:<32} {served['platform']:<12} max_batch_size {served['max_batch_size']}  (already in "
+              f"the repository: called by name, not copied; input {served['input']}, output {served['output']})")
     print(f"manifest: {repo.root / repo.ensemble / 'advshield-manifest.json'}")
     print("serve it with NVIDIA's Triton container (see docs/deploy.md), e.g.\n"
           f"  tritonserver --model-repository={repo.root} --model-control-mode=explicit --load-model={repo.ensemble}")
