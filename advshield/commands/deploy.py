@@ -3,6 +3,8 @@
 * ``advshield deploy triton PIPELINE --out DIR``: write the repository (``advshield.deploy.triton``);
   ``--serve`` then starts the local tritonserver of the nvidia-pytriton wheel on it (loopback)
   until SIGINT/SIGTERM.
+* ``advshield deploy tritonserver REPOSITORY --model NAME``: that local server on any repository
+  (e.g. one holding a classifier its team deployed, before and after the ensemble is generated).
 * ``advshield deploy triton-env``: set-up step for that local server: the overlay environment whose
   numpy < 2 the wheel's Python backend stub needs (``advshield.deploy.tritonserver``).
 """
@@ -14,7 +16,7 @@ import json
 
 from advshield.core.errors import ConfigError
 from advshield.deploy.triton import generate_repository, serve_repository
-from advshield.deploy.tritonserver import make_stub_env
+from advshield.deploy.tritonserver import make_stub_env, start_triton
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--http-port", type=int, default=8000, help="with --serve (0: any free port; default %(default)s)")
     t.add_argument("--metrics-port", type=int, default=8002, help="with --serve (0: any free port; default %(default)s)")
     t.set_defaults(func=cmd_triton)
+
+    r = dsub.add_parser("tritonserver", help="serve an existing model repository (any models, e.g. one holding a "
+                                             "classifier you deployed yourself) with the local tritonserver",
+                        description="The nvidia-pytriton wheel's tritonserver (Python backend, ensembles; no "
+                                    "onnxruntime backend) on REPOSITORY with --model loaded, until interrupted.")
+    r.add_argument("repository")
+    r.add_argument("--model", action="append", required=True, help="a model to load (repeat for several)")
+    r.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    r.add_argument("--grpc-port", type=int, default=8001, help="0: any free port (default %(default)s)")
+    r.add_argument("--http-port", type=int, default=8000, help="0: any free port (default %(default)s)")
+    r.add_argument("--metrics-port", type=int, default=8002, help="0: any free port (default %(default)s)")
+    r.add_argument("--threads", type=int, default=1, help="threads per Python-model instance (default %(default)s)")
+    r.set_defaults(func=cmd_tritonserver)
 
     e = dsub.add_parser("triton-env", help="set-up for --serve: numpy < 2 for the wheel's Python backend stub "
                                            "(an overlay venv; uses the package index)")
@@ -84,12 +99,22 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
     server = serve_repository(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, threads=repo.spec.threads)
+    return _serve_until_interrupted(server, [repo.ensemble])
+
+
+def _serve_until_interrupted(server, models: list[str]) -> int:
     print(f"tritonserver (pid {server.pid}) ready: gRPC {server.url}, HTTP {server.http_url}, "
-          f"metrics {server.metrics_url}; model {repo.ensemble!r}. Ctrl-C stops it.", flush=True)
+          f"metrics {server.metrics_url}; models {', '.join(map(repr, models))}. Ctrl-C stops it.", flush=True)
     code = server.wait_until_interrupted()
     print(f"tritonserver stopped (exit status {code})" if code >= 0 else
           f"tritonserver exited on its own with status {-code}; log: {server.log_path}")
     return 0 if code == 0 else 1
+
+
+def cmd_tritonserver(args: argparse.Namespace) -> int:
+    server = start_triton(args.repository, args.model, host=args.host, grpc_port=args.grpc_port,
+                          http_port=args.http_port, metrics_port=args.metrics_port, threads=args.threads)
+    return _serve_until_interrupted(server, args.model)
 
 
 def cmd_triton_env(args: argparse.Namespace) -> int:
