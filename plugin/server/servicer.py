@@ -19,7 +19,7 @@ from advshield.core.errors import ImageError, InputError
 from advshield.core.version import __version__
 from advshield.plugin import protocol as P
 from advshield.plugin.classifiers import validate_batch
-from advshield.plugin.decode import decode_image
+from advshield.plugin.decode import decode_images
 from advshield.plugin.server.batcher import Batcher, Job, RpcStatus
 from advshield.plugin.server.logs import log, log_event
 from advshield.plugin.server.metrics import Metrics
@@ -245,13 +245,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     raise RpcStatus(bad, f"input {P.INPUT_IMAGE!r}: shape says {n} images, contents hold {len(items)}")
             if self.input_spec is None:
                 raise RpcStatus(bad, f"this server takes no {P.INPUT_IMAGE} input (no [input] spec); send {P.INPUT_PIXELS}")
-            x = np.empty((n, *self.input_shape), np.float32)
-            for i, data in enumerate(items):
-                try:
-                    x[i] = decode_image(data, self.input_spec)
-                except ImageError as e:
-                    raise RpcStatus(bad, f"{P.INPUT_IMAGE}[{i}]: {e}") from None
-            return x
+            try:  # every header first, then the request's pixel budget, then the pixels
+                return decode_images(items, self.input_spec, P.INPUT_IMAGE)
+            except ImageError as e:
+                raise RpcStatus(bad, str(e)) from None
         count = n * math.prod(self.input_shape)
         if raw is not None:
             if len(raw) != 4 * count:
