@@ -249,7 +249,10 @@ def check_unbounded(records: list[Mapping[str, Any]], tolerance: float) -> list[
 def check_black_box(records: list[Mapping[str, Any]], correct: int, tolerance: float) -> list[MaskingWarning]:
     """Samples a black-box attack broke within eps (a budget attack at its eps; a minimal one at
     every eps of the grid of its norm at or above its distortion) where no white-box attack's
-    success lies within that eps."""
+    success lies within that eps. No warning when no white-box attack ran (a served model audited
+    without a twin: there are no gradients to be masked)."""
+    if not any(r["source"] == "white-box" for r in records):
+        return []
     white: dict[tuple[int, str], float] = {}  # (sample, norm) -> least white-box distortion
     grids: dict[str, set[float]] = {}
     for r in records:

@@ -131,7 +131,8 @@ def test_ensemble_calls_the_served_model_by_name_and_copies_nothing(files, ensem
     served = [s for s in steps if s[0] == S.NAME]
     assert [s[1] for s in served] == [{"images": "defended"}, {"images": "squeezed_1"}, {"images": "squeezed_2"}]
     assert [s[2] for s in served] == [{"probs": f"logits_{i}"} for i in range(3)]
-    assert ens.max_batch_size == 16  # the served model's, not the [deploy] default of 64
+    limit = ens.max_batch_size or int(ens.parameters["max_batch_size"].string_value)  # a non-batching ensemble
+    assert limit == 16  # the served model's, not the [deploy] default of 64
     pre = read_config(files["repo"] / "wdet__preprocess" / "config.pbtxt")
     assert (pre.output[0].name, list(pre.output[0].dims)) == ("DEFENDED", [28, 28, 1])  # the model's NHWC
     post = read_config(files["repo"] / "wdet__postprocess" / "config.pbtxt")
@@ -294,3 +295,14 @@ def test_served_classifier_sends_requests_concurrently(pipelines, images):
         outs = list(pool.map(lambda i: clf(images[i * 12 : (i + 1) * 12]), range(4)))
     assert torch.allclose(torch.cat(outs), clf(images), atol=1e-6)
     clf.close()
+
+
+def test_no_masking_warning_without_white_box_attacks():
+    """black_box_beats_white_box compares with white-box successes; an audit without a twin has none."""
+    from advshield.attacks.masking import check_black_box
+
+    rows = [{"attack": "square_linf", "source": "black-box", "kind": "budget", "norm": "linf", "eps": 0.05,
+             "sample": i, "success": True, "l2": 0.5, "linf": 0.05} for i in range(4)]
+    assert check_black_box(rows, correct=4, tolerance=0.02) == []
+    white = [{**r, "attack": "fgsm", "source": "white-box", "success": False} for r in rows]
+    assert [w.code for w in check_black_box(white + rows, correct=4, tolerance=0.02)] == ["black_box_beats_white_box"]
