@@ -298,7 +298,11 @@ def _ensemble_config(cfg: PipelineConfig, spec: DeploySpec, layout: _Layout, mod
                          num_classes=layout.num_classes, max_batch_size=spec.max_batch_size,
                          class_names=cfg.class_names, detector=cfg.detector.type if cfg.detector else "",
                          random=random, platform="ensemble")
-    ens.ClearField("dynamic_batching")  # ensembles schedule; their composing models batch
+    # ensembles schedule; their composing models batch. The ensemble itself is not batching
+    # (protocol.model_config: max_batch_size 0, so that Triton checks each tensor's full int64
+    # shape against its bytes and no 32-bit batch wrap reaches a model); Triton hands the batching
+    # composing models their batch from the full shape
+    ens.ClearField("dynamic_batching")
     ens.response_cache.enable = bool(spec.response_cache and not random)
     ens.parameters["advshield_version"].string_value = __version__
     ens.parameters["model_sha256"].string_value = model_sha256

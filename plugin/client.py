@@ -64,7 +64,8 @@ class RemoteClassifier(Endpoint):
         self.class_names = tuple(names) if len(names) == self.num_classes else tuple(map(str, range(self.num_classes)))
         self.detector = params.get(P.CONFIG_DETECTOR, "")
         self.random = params.get(P.CONFIG_RANDOM, "false") == "true"
-        self.max_batch_size = int(config.get("max_batch_size", 0) or 0) or 64
+        # the Triton ensemble does not batch (max_batch_size 0) and gives its limit as a parameter
+        self.max_batch_size = int(config.get("max_batch_size", 0) or 0) or int(params.get(P.CONFIG_MAX_BATCH) or 0) or 64
         self.batch_size = min(batch_size or self.max_batch_size, self.max_batch_size)
 
     def _discover(self) -> str:

@@ -72,6 +72,7 @@ PARAM_SEED = "seed"
 CONFIG_CLASS_NAMES = "class_names"
 CONFIG_DETECTOR = "detector"
 CONFIG_RANDOM = "random"
+CONFIG_MAX_BATCH = "max_batch_size"  # images per request; the Triton ensemble reports max_batch_size 0 (not batching)
 AUTH_HEADER = "authorization"  # value: "Bearer <token>"
 
 SEED_LIMIT = 2**63
@@ -119,21 +120,28 @@ def output_tensors(num_classes: int) -> tuple[TensorSpec, ...]:
 def model_config(name: str, *, channels: int, height: int, width: int, num_classes: int,
                  max_batch_size: int, max_queue_delay_us: int = 0, class_names: tuple[str, ...] = (),
                  detector: str = "", random: bool = False, platform: str = PLATFORM):
-    """The public model's ``ModelConfig`` (tritonclient's protobuf), as both servers report it."""
+    """The public model's ``ModelConfig`` (tritonclient's protobuf), as both servers report it.
+
+    The public model is not batching in Triton's sense (``max_batch_size`` 0, the batch dimension
+    -1 in every tensor's dims): Triton keeps a batching model's batch size in 32 bits, so that a
+    declared batch of 2**32 + 1 with one image's bytes would wrap to a batch of 1 and pass; a
+    non-batching model's full int64 shape is checked against the bytes at the door. The limit on
+    images per request is the parameter ``max_batch_size``."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     def dtype(t: TensorSpec) -> int:
         return mc.DataType.Value(DATATYPES[t.datatype][1])
 
-    cfg = mc.ModelConfig(name=name, platform=platform, max_batch_size=max_batch_size)
+    cfg = mc.ModelConfig(name=name, platform=platform, max_batch_size=0)
     for t in input_tensors(channels, height, width):
-        cfg.input.add(name=t.name, data_type=dtype(t), dims=list(t.dims), optional=t.optional)
+        cfg.input.add(name=t.name, data_type=dtype(t), dims=[-1, *t.dims], optional=t.optional)
     for t in output_tensors(num_classes):
-        cfg.output.add(name=t.name, data_type=dtype(t), dims=list(t.dims))
+        cfg.output.add(name=t.name, data_type=dtype(t), dims=[-1, *t.dims])
     cfg.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
     cfg.parameters[CONFIG_CLASS_NAMES].string_value = json.dumps(list(class_names))
     cfg.parameters[CONFIG_DETECTOR].string_value = detector
     cfg.parameters[CONFIG_RANDOM].string_value = "true" if random else "false"
+    cfg.parameters[CONFIG_MAX_BATCH].string_value = str(max_batch_size)
     return cfg
 
 

@@ -128,7 +128,8 @@ def test_health_live_ready_metadata(server, client, reference):
     assert shapes == {"IMAGE": ("BYTES", [-1, 1]), "PIXELS": ("FP32", [-1, 1, 28, 28]), "PROBS": ("FP32", [-1, 10]),
                       "LABEL": ("INT64", [-1, 1]), "DETECTOR_SCORE": ("FP32", [-1, 1]), "FLAGGED": ("BOOL", [-1, 1])}
     config = client.get_model_config(MODEL, headers=hd).config
-    assert config.max_batch_size == 32
+    assert config.max_batch_size == 0 and config.parameters["max_batch_size"].string_value == "32"  # as the Triton ensemble
+    assert [list(t.dims) for t in config.input] == [[-1, 1], [-1, 1, 28, 28]]
     assert json.loads(config.parameters["class_names"].string_value) == list(reference.class_names)
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("no_such_model", headers=hd)
@@ -816,7 +817,8 @@ def test_protocol_bytes_round_trip():
         P.deserialize_bytes(raw + b"!", 3)
     cfg = P.model_config("m", channels=1, height=28, width=28, num_classes=10, max_batch_size=8,
                          class_names=("a",) * 10, detector="squeeze", random=True)
-    assert [i.name for i in cfg.input] == ["IMAGE", "PIXELS"] and list(cfg.output[0].dims) == [10]
+    assert [i.name for i in cfg.input] == ["IMAGE", "PIXELS"] and list(cfg.output[0].dims) == [-1, 10]
+    assert cfg.max_batch_size == 0 and cfg.parameters["max_batch_size"].string_value == "8"
     assert cfg.parameters["random"].string_value == "true"
 
 

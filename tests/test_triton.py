@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -223,7 +224,9 @@ def test_configs_follow_the_wire_contract_and_the_deploy_section(repository):
     det = repository["tdet"]
     ens = det.config("tdet")
     public = P.model_config("tdet", channels=1, height=28, width=28, num_classes=10, max_batch_size=32)
-    assert ens.platform == "ensemble" and ens.max_batch_size == 32
+    # not batching (no 32-bit batch wrap at the door), the contract's limit a parameter
+    assert ens.platform == "ensemble" and ens.max_batch_size == 0
+    assert ens.parameters[P.CONFIG_MAX_BATCH].string_value == "32"
     assert list(ens.input) == list(public.input) and list(ens.output) == list(public.output)
     assert json.loads(ens.parameters[P.CONFIG_CLASS_NAMES].string_value)[0] == "T-shirt/top"
     assert ens.parameters[P.CONFIG_DETECTOR].string_value == "squeeze"
@@ -266,7 +269,8 @@ def test_gpu_target_uses_the_onnxruntime_backend(pipelines, tmp_path):
     assert not (tmp_path / "tdet__classifier" / "1" / "model.py").exists()
     assert repo.config("tdet__preprocess").instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert repo.config("tdet__postprocess").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    assert all(repo.config(m).max_batch_size == 16 for m in repo.models)
+    assert all(repo.config(m).max_batch_size == 16 for m in repo.models if m != "tdet")
+    assert repo.config("tdet").parameters[P.CONFIG_MAX_BATCH].string_value == "16"  # the ensemble: not batching
     with pytest.raises(ConfigError, match="exist already"):
         generate_repository(pipelines["tdet"], tmp_path)
     with pytest.raises(TritonError, match="lacks; generate the repository with --classifier-backend python"):
@@ -558,7 +562,9 @@ def test_cli_generates_the_repository(pipelines, tmp_path, capsys):
                  "--max-batch-size", "8"]) == 0
     text = capsys.readouterr().out
     assert "trand__preprocess" in text and "tritonserver" in text
-    assert read_config(out / "trand" / "config.pbtxt").max_batch_size == 8
+    assert read_config(out / "trand" / "config.pbtxt").parameters[P.CONFIG_MAX_BATCH].string_value == "8"
+    assert read_config(out / "trand__preprocess" / "config.pbtxt").max_batch_size == 8
+    assert re.search(r"trand\s+ensemble\s+max_batch_size 8", text), text
     assert read_config(out / "trand__classifier" / "config.pbtxt").backend == "python"
     assert main(["deploy", "triton", str(pipelines["trand"]), "--out", str(out)]) == 2
     assert "exist already" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import json
 from advshield.core.errors import ConfigError
 from advshield.deploy.triton import generate_repository, serve_repository
 from advshield.deploy.tritonserver import make_stub_env, start_triton
+from advshield.plugin import protocol as P
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +87,9 @@ def cmd_triton(args: argparse.Namespace) -> int:
     for m in repo.models:
         c = repo.config(m)
         kind = c.platform or c.backend
-        print(f"  {m:<32} {kind:<12} max_batch_size {c.max_batch_size}")
+        public = not c.max_batch_size and P.CONFIG_MAX_BATCH in c.parameters  # the ensemble: not batching, its limit a parameter
+        limit = c.parameters[P.CONFIG_MAX_BATCH].string_value if public else c.max_batch_size
+        print(f"  {m:<32} {kind:<12} max_batch_size {limit}")
     served = json.loads((repo.root / repo.ensemble / "advshield-manifest.json").read_text()).get("served_model")
     if served:
         print(f"  {served['name']:<32} {served['platform']:<12} max_batch_size {served['max_batch_size']}  (already in "
