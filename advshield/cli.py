@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "advshield.commands.serve",  # serve, score
     "advshield.commands.certify",  # certify
     "advshield.commands.audit",  # audit
+    "advshield.commands.study",  # study patches
     "advshield.commands.deploy",  # deploy triton, deploy triton-env
 )
 
