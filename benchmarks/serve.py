@@ -7,9 +7,16 @@ status code, and the resident memory of the server's process tree over time; the
 advshield/Triton ratios.
 
     python benchmarks/serve.py [--pipeline advshield/pipelines/fashion_mnist.toml]
-        [--concurrency 1,4,16] [--seconds 5] [--images-per-request 1] [--input image|pixels]
-        [--max-batch-size 64] [--max-queue-delay-ms 2] [--threads 1]
-        [--triton | --triton-url HOST:PORT [--triton-model NAME]] [--out results.json]
+        [--concurrency 1,4,16,64] [--seconds 5] [--images-per-request 1] [--input image|pixels]
+        [--bad 0.2] [--client aio|tritonclient] [--max-batch-size 64] [--max-queue-delay-ms 2]
+        [--threads 1] [--triton | --triton-url HOST:PORT [--triton-model NAME]] [--out results.json]
+
+The load generator (``--client aio``, the default) is one asyncio gRPC channel per 16 clients with
+every request serialized before the clock starts, so that it takes as little of the machine as it
+can; its own CPU use is measured (``getrusage``) and printed as cores beside each row.
+``--bad F``: that share of the requests is malformed (a corrupt PNG, a truncated JPEG, a wrong
+dtype, a bad seed), each must come back INVALID_ARGUMENT; throughput counts good images only, and
+any good request that fails or bad request that does not get INVALID_ARGUMENT is counted as wrong.
 
 Triton: ``--triton`` generates the pipeline's Triton repository (``advshield.deploy.triton``,
 Python-backend classifier: the wheel's tritonserver has no onnxruntime backend) and starts the
@@ -157,6 +164,130 @@ def load_level(url: str, model: str, concurrency: int, seconds: float, args, ima
     }
 
 
+def _bad_requests(model: str, images: list[bytes], pixels: np.ndarray, n: int) -> list:
+    """Malformed requests of ``n`` images, each of which must be INVALID_ARGUMENT."""
+    import io
+
+    from PIL import Image
+    from tritonclient.grpc import service_pb2
+
+    def req(name, datatype, shape, raw, **params):
+        r = service_pb2.ModelInferRequest(model_name=model)
+        r.inputs.add(name=name, datatype=datatype, shape=shape)
+        r.raw_input_contents.append(raw)
+        for k, v in params.items():
+            r.parameters[k].string_param = v
+        return r
+
+    buf = io.BytesIO()
+    Image.fromarray((pixels[0, 0] * 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    corrupt = images[0][:40] + b"\0" * 60
+    cut = jpeg[: len(jpeg) * 2 // 3] + b"\xff\xd9"
+    shape = [n, *pixels.shape[1:]]
+    return [
+        req(P.INPUT_IMAGE, "BYTES", [n, 1], P.serialize_bytes([corrupt] * n)),
+        req(P.INPUT_IMAGE, "BYTES", [n, 1], P.serialize_bytes([cut] * n)),
+        req(P.INPUT_PIXELS, "FP64", shape, np.zeros(shape, np.float64).tobytes()),
+        req(P.INPUT_PIXELS, "FP32", shape, np.ascontiguousarray(pixels[:n]).tobytes(), seed="\u00b2"),
+    ]
+
+
+def _good_requests(model: str, kind: str, images: list[bytes], pixels: np.ndarray, k: int, n: int) -> list:
+    from tritonclient.grpc import service_pb2
+
+    out = []
+    for j in range(16):
+        idx = [((k * 16 + j) * n + i) % len(images) for i in range(n)]
+        r = service_pb2.ModelInferRequest(model_name=model)
+        if kind == "image":
+            r.inputs.add(name=P.INPUT_IMAGE, datatype="BYTES", shape=[n, 1])
+            r.raw_input_contents.append(P.serialize_bytes([images[i] for i in idx]))
+        else:
+            r.inputs.add(name=P.INPUT_PIXELS, datatype="FP32", shape=[n, *pixels.shape[1:]])
+            r.raw_input_contents.append(np.ascontiguousarray(pixels[idx]).tobytes())
+        out.append(r.SerializeToString())
+    return out
+
+
+def load_level_aio(url: str, model: str, concurrency: int, seconds: float, args, images, pixels, pid: int | None) -> dict:
+    """``concurrency`` clients, each with one request in flight at a time, on asyncio gRPC
+    channels (16 clients a channel) in this process; requests serialized in advance."""
+    import asyncio
+    import resource
+
+    import grpc
+
+    n = args.images_per_request
+    good = {w: _good_requests(model, args.input, images, pixels, w, n) for w in range(concurrency)}
+    bad = [r.SerializeToString() for r in _bad_requests(model, images, pixels, n)]
+    rng = np.random.default_rng(0)
+    latencies: list[float] = []
+    errors: collections.Counter = collections.Counter()
+    wrong = [0]
+    memory: list[tuple[float, float]] = []
+    method = "/inference.GRPCInferenceService/ModelInfer"
+
+    async def run() -> tuple[float, float]:
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        channels = [grpc.aio.insecure_channel(url, options=options) for _ in range((concurrency + 15) // 16)]
+        calls = [ch.unary_unary(method, request_serializer=None, response_deserializer=None) for ch in channels]
+        for c in calls:
+            await c(good[0][0], timeout=60)  # connections set up, model warm
+        stop_at = [0.0]
+        is_bad = rng.random((concurrency, 4096)) < args.bad
+
+        async def client(w: int) -> None:
+            call, k = calls[w // 16], 0
+            while time.perf_counter() < stop_at[0]:
+                b = bool(is_bad[w, k % 4096])
+                payload = bad[k % len(bad)] if b else good[w][k % 16]
+                t0 = time.perf_counter()
+                try:
+                    await call(payload, timeout=30)
+                    if b:
+                        wrong[0] += 1
+                    else:
+                        latencies.append(time.perf_counter() - t0)
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] += 1
+                    if not b or e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        wrong[0] += 1
+                k += 1
+
+        async def sample_memory() -> None:
+            t0 = time.perf_counter()
+            while time.perf_counter() < stop_at[0]:
+                if pid is not None and (m := rss_mb(pid)) is not None:
+                    memory.append((round(time.perf_counter() - t0, 2), round(m, 1)))
+                await asyncio.sleep(0.5)
+
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        stop_at[0] = t0 + seconds
+        await asyncio.gather(sample_memory(), *(client(w) for w in range(concurrency)))
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        for ch in channels:
+            await ch.close()
+        return wall, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / wall
+
+    wall, client_cores = asyncio.run(run())
+    lat = np.asarray(latencies)
+    requests = len(lat)
+    return {
+        "concurrency": concurrency,
+        "seconds": round(wall, 2),
+        "requests": requests,
+        "requests_per_s": requests / wall,
+        "images_per_s": requests * n / wall,
+        "p50_ms": float(np.percentile(lat, 50) * 1000) if requests else None,
+        "p99_ms": float(np.percentile(lat, 99) * 1000) if requests else None,
+        "errors": dict(errors),
+        "wrong": wrong[0],
+        "client_cores": round(client_cores, 2),
+        "memory_mb": memory,
+    }
+
+
 def in_process_rate(pipeline: str, pixels: np.ndarray, batch: int, seconds: float, threads: int) -> float:
     import torch
 
@@ -176,16 +307,19 @@ def in_process_rate(pipeline: str, pixels: np.ndarray, batch: int, seconds: floa
 
 def run_server(name: str, url: str, model: str, pid: int | None, args, images, pixels) -> list[dict]:
     rows = []
+    level = load_level_aio if args.client == "aio" else load_level
     for c in args.concurrency:
-        r = load_level(url, model, c, args.seconds, args, images, pixels, pid)
+        r = level(url, model, c, args.seconds, args, images, pixels, pid)
         r["server"] = name
+        r["of_floor"] = r["images_per_s"] / args.floor
         rows.append(r)
         mem = r["memory_mb"]
         mem_s = f"{mem[0][1]:.0f}->{mem[-1][1]:.0f} MB (peak {max(m for _, m in mem):.0f})" if mem else "n/a"
         p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "-"
         p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "-"
-        print(f"{name:<10} {c:>5} {r['images_per_s']:>10.0f} {r['requests_per_s']:>9.0f} {p50:>9} {p99:>9} "
-              f"{sum(r['errors'].values()):>6}  {mem_s}", flush=True)
+        print(f"{name:<10} {c:>5} {r['images_per_s']:>10.0f} {r['of_floor']:>8.2f} {r['requests_per_s']:>9.0f} {p50:>9} "
+              f"{p99:>9} {sum(r['errors'].values()):>6} {r.get('wrong', 0):>6} {r.get('client_cores', float('nan')):>7.2f}  "
+              f"{mem_s}", flush=True)
     return rows
 
 
@@ -213,10 +347,13 @@ def run_generated_triton(args, cfg, images, pixels) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", default=str(DEFAULT_PIPELINE))
-    ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default: %(default)s)")
+    ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts (default: %(default)s)")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each level (default: %(default)s)")
     ap.add_argument("--images-per-request", type=int, default=1)
     ap.add_argument("--input", choices=["image", "pixels"], default="image", help="IMAGE (PNG bytes) or PIXELS")
+    ap.add_argument("--bad", type=float, default=0.0, help="share of malformed requests (default: %(default)s)")
+    ap.add_argument("--client", choices=["aio", "tritonclient"], default="aio",
+                    help="load generator: pre-serialized asyncio gRPC (light) or tritonclient threads")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1, help="server torch/ONNX Runtime threads")
@@ -238,9 +375,13 @@ def main() -> None:
           f"{args.max_batch_size}, max_queue_delay_ms {args.max_queue_delay_ms:g}; {os.cpu_count()} CPU cores "
           f"shared by server and clients")
     floor = {b: in_process_rate(args.pipeline, pixels, b, 2.0, args.threads) for b in (1, args.max_batch_size)}
+    args.floor = floor[args.max_batch_size]
     print(f"in-process DefendedClassifier.predict: {floor[1]:.0f} images/s at batch 1, "
-          f"{floor[args.max_batch_size]:.0f} images/s at batch {args.max_batch_size}\n")
-    print(f"{'server':<10} {'conc':>5} {'images/s':>10} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>6}  memory (RSS)")
+          f"{floor[args.max_batch_size]:.0f} images/s at batch {args.max_batch_size} (the floor)")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    print(f"{'server':<10} {'conc':>5} {'images/s':>10} {'/floor':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
+          f"{'errors':>6} {'wrong':>6} {'client':>7}  memory (RSS)")
+    print(f"{'':<10} {'':>5} {'(good)':>10} {'':>8} {'(good)':>9} {'':>9} {'':>9} {'(bad)':>6} {'':>6} {'cores':>7}")
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"advshield-bench-serve-{os.getpid()}.log"
     proc, port = start_advshield(args, log_path)
     try:
@@ -263,6 +404,7 @@ def main() -> None:
             print(f"  concurrency {a['concurrency']:>3}: throughput x{ratio:.2f}, p99 latency x{p99:.2f}")
     elif not args.triton:
         print("\ntriton: not measured (pass --triton to generate and start it, or --triton-url HOST:PORT)")
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out:
         Path(args.out).write_text(json.dumps({"in_process_images_per_s": floor, "advshield": rows, "triton": triton_rows},
                                              indent=2))

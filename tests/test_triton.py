@@ -193,8 +193,11 @@ def triton(repository, tmp_path_factory):
     prefix = server.shm_prefix
     assert [p for p in SHM_DIR.iterdir() if p.name.startswith(prefix)]  # the regions stop() must remove
     yield server
+    # after every test (the malformed and mixed-traffic ones included): SIGTERM unloads every
+    # model and exits 0, its shared memory and its temporary folder are gone
     assert server.stop() == 0, server.log()[-4000:]
     assert not [p for p in SHM_DIR.iterdir() if p.name.startswith(prefix)]
+    assert not server.workdir.exists(), sorted(p.name for p in server.workdir.iterdir())
 
 
 @pytest.fixture(scope="session")
