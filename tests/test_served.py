@@ -20,8 +20,11 @@ import concurrent.futures as cf
 import json
 import shutil
 import sys
+import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -34,7 +37,7 @@ from advshield.core.errors import ConfigError, ParityError
 from advshield.core.hashing import sha256_file
 from advshield.deploy.triton import generate_repository, read_config, verify_repository
 from advshield.deploy.tritonserver import start_triton
-from advshield.plugin.client import RemoteClassifier
+from advshield.plugin.client import RemoteClassifier, RemoteError
 from advshield.plugin.config import load_pipeline
 from advshield.plugin.fitting import fit_pipeline, fit_spec
 from advshield.plugin.pipeline import DefendedClassifier
@@ -43,6 +46,8 @@ from advshield.plugin.server import ScoringServer, ServeSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import served_repo as S
+from server_helpers import free_port
+from test_blackbox import FlakyProxy
 
 DETECTOR = """
 [[defenses]]
@@ -306,3 +311,60 @@ def test_no_masking_warning_without_white_box_attacks():
     assert check_black_box(rows, correct=4, tolerance=0.02) == []
     white = [{**r, "attack": "fgsm", "source": "white-box", "success": False} for r in rows]
     assert [w.code for w in check_black_box(white + rows, correct=4, tolerance=0.02)] == ["black_box_beats_white_box"]
+
+
+class SlowProxy(FlakyProxy):
+    """FlakyProxy that also holds every ModelInfer for ``delay`` seconds."""
+
+    def __init__(self, upstream: str, fail: int, delay: float) -> None:
+        super().__init__(upstream, fail)
+        self.delay = delay
+
+    def service(self, details):
+        handler = super().service(details)
+        if not details.method.endswith("/ModelInfer"):
+            return handler
+        inner = handler.unary_unary
+
+        def slow(request, context):
+            time.sleep(self.delay)
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(slow)
+
+
+def _proxied(triton, proxy):
+    srv = grpc.server(futures.ThreadPoolExecutor(4), handlers=[proxy])
+    port = free_port()
+    srv.add_insecure_port(f"127.0.0.1:{port}")
+    srv.start()
+    return srv, f"127.0.0.1:{port}"
+
+
+def test_served_classifier_retries_unavailable_and_keeps_its_deadline(files, triton, images):
+    """The served model behind a real gRPC proxy that answers UNAVAILABLE, then one that is slow."""
+    proxy = FlakyProxy(triton.url, fail=2)
+    srv, url = _proxied(triton, proxy)
+    try:
+        cfg = load_pipeline(_write(files, "wflaky", S.pipeline_text(pipeline="wflaky", endpoint=url)))
+        with ServedClassifier(cfg) as clf:
+            direct = DefendedClassifier.from_config(_write(files, "wdirect", S.pipeline_text(
+                pipeline="wdirect", endpoint=triton.url))).classifier
+            assert torch.allclose(clf(images[:8]), direct(images[:8]))  # two UNAVAILABLE answers, retried
+            assert clf.stats()["retries"] == 2 and proxy.failed == 2
+    finally:
+        srv.stop(0)
+        proxy.channel.close()
+    proxy = SlowProxy(triton.url, fail=0, delay=1.0)
+    srv, url = _proxied(triton, proxy)
+    try:
+        text = S.pipeline_text(pipeline="wslow", endpoint=url).replace('name = "zoo_cnn" }',
+                                                                       'name = "zoo_cnn", timeout_s = 0.2 }')
+        with ServedClassifier(load_pipeline(_write(files, "wslow", text))) as clf:
+            t0 = time.perf_counter()
+            with pytest.raises(RemoteError) as e:
+                clf(images[:4])
+            assert e.value.code == "DEADLINE_EXCEEDED" and time.perf_counter() - t0 < 0.9
+    finally:
+        srv.stop(0)
+        proxy.channel.close()
