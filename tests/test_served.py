@@ -368,3 +368,20 @@ def test_served_classifier_retries_unavailable_and_keeps_its_deadline(files, tri
     finally:
         srv.stop(0)
         proxy.channel.close()
+
+
+def test_a_pinned_version_is_checked_and_written_into_the_steps(files, pipelines, tmp_path):
+    text = pipelines["wdet"].read_text()
+    for version, ok in (("2", False), ("1", True)):
+        pinned = text.replace('name = "zoo_cnn" }', f'name = "zoo_cnn", version = "{version}" }}').replace(
+            'name = "wdet"', f'name = "wv{version}"')
+        path = _write(files, f"wv{version}", pinned)
+        repo = _repo_with(files, tmp_path / version)
+        if not ok:
+            with pytest.raises(ConfigError, match=r"'zoo_cnn' in .* has no version 2 \(versions there: 1\)"):
+                generate_repository(path, repo)
+            continue
+        generate_repository(path, repo)
+        ens = read_config(repo / f"wv{version}" / "config.pbtxt")
+        assert {s.model_version for s in ens.ensemble_scheduling.step if s.model_name == S.NAME} == {1}
+        assert {s.model_version for s in ens.ensemble_scheduling.step if s.model_name != S.NAME} == {-1}
