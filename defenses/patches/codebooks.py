@@ -20,7 +20,11 @@ from advshield.core.progress import progress as progress_bar
 
 
 def _resolve_threads(n: int) -> int:
-    return n or max(1, min(4, os.cpu_count() or 1))
+    """``n``; 0: ``ADVSHIELD_THREADS`` (what ``advshield serve --threads`` sets for the whole
+    process, so that faiss's OpenMP workers do not spin on the cores the server's RPC threads
+    need), else min(4, cores)."""
+    env = os.environ.get("ADVSHIELD_THREADS", "").strip()
+    return n or (int(env) if env.isascii() and env.isdigit() and int(env) > 0 else 0) or max(1, min(4, os.cpu_count() or 1))
 
 
 def configure_faiss(threads: int) -> None:
