@@ -567,7 +567,8 @@ def _generate_served(cfg: PipelineConfig, root: Path, *, overwrite: bool, overri
     py_kind = "KIND_GPU" if spec.gpu and spec.defenses_on_gpu else "KIND_CPU"
     resolved = replace(cfg, model=replace(cfg.model, output=output, layout=model.layout,
                                           served=replace(served, input=model.input.name, output=model.output.name,
-                                                         datatype=model.input.datatype, version=model.version)))
+                                                         datatype=model.input.datatype, version=model.version,
+                                                         endpoint="")))  # the ensemble calls it inside its server
     image_steps = list(cfg.defenses)
     pre_art = {k: sums[f"artifacts.{k}"] for k in _artifact_names(image_steps)}
     _python_model(root / n_pre, "preprocess.py",
