@@ -69,6 +69,18 @@ def rss_mb(pid: int) -> float | None:
     return total / 1024 if total else None
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for p in _descendants(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def start_advshield(args, log_path: Path) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "advshield", "serve", args.pipeline, "--port", "0", "--no-request-log",
            "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
@@ -262,15 +274,15 @@ def load_level_aio(url: str, model: str, concurrency: int, seconds: float, args,
                     memory.append((round(time.perf_counter() - t0, 2), round(m, 1)))
                 await asyncio.sleep(0.5)
 
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        r0, s0, t0 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(pid), time.perf_counter()
         stop_at[0] = t0 + seconds
         await asyncio.gather(sample_memory(), *(client(w) for w in range(concurrency)))
-        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        wall, r1, s1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(pid)
         for ch in channels:
             await ch.close()
-        return wall, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / wall
+        return wall, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / wall, (s1 - s0) / wall
 
-    wall, client_cores = asyncio.run(run())
+    wall, client_cores, server_cores = asyncio.run(run())
     lat = np.asarray(latencies)
     requests = len(lat)
     return {
@@ -284,6 +296,7 @@ def load_level_aio(url: str, model: str, concurrency: int, seconds: float, args,
         "errors": dict(errors),
         "wrong": wrong[0],
         "client_cores": round(client_cores, 2),
+        "server_cores": round(server_cores, 2) if pid is not None else None,
         "memory_mb": memory,
     }
 
@@ -318,7 +331,8 @@ def run_server(name: str, url: str, model: str, pid: int | None, args, images, p
         p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "-"
         p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "-"
         print(f"{name:<10} {c:>5} {r['images_per_s']:>10.0f} {r['of_floor']:>8.2f} {r['requests_per_s']:>9.0f} {p50:>9} "
-              f"{p99:>9} {sum(r['errors'].values()):>6} {r.get('wrong', 0):>6} {r.get('client_cores', float('nan')):>7.2f}  "
+              f"{p99:>9} {sum(r['errors'].values()):>6} {r.get('wrong', 0):>6} {r.get('client_cores', float('nan')):>7.2f} "
+              f"{r.get('server_cores') or float('nan'):>7.2f}  "
               f"{mem_s}", flush=True)
     return rows
 
@@ -380,8 +394,8 @@ def main() -> None:
           f"{floor[args.max_batch_size]:.0f} images/s at batch {args.max_batch_size} (the floor)")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     print(f"{'server':<10} {'conc':>5} {'images/s':>10} {'/floor':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
-          f"{'errors':>6} {'wrong':>6} {'client':>7}  memory (RSS)")
-    print(f"{'':<10} {'':>5} {'(good)':>10} {'':>8} {'(good)':>9} {'':>9} {'':>9} {'(bad)':>6} {'':>6} {'cores':>7}")
+          f"{'errors':>6} {'wrong':>6} {'client':>7} {'server':>7}  memory (RSS)")
+    print(f"{'':<10} {'':>5} {'(good)':>10} {'':>8} {'(good)':>9} {'':>9} {'':>9} {'(bad)':>6} {'':>6} {'cores':>7} {'cores':>7}")
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"advshield-bench-serve-{os.getpid()}.log"
     proc, port = start_advshield(args, log_path)
     try:
