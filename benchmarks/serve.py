@@ -11,7 +11,7 @@ advshield/Triton ratios.
         [--bad 0.2] [--client aio|tritonclient] [--max-batch-size 64] [--max-queue-delay-ms 2]
         [--threads 1] [--triton | --triton-url HOST:PORT [--triton-model NAME]] [--out results.json]
 
-The load generator (``--client aio``, the default) is one asyncio gRPC channel per 16 clients with
+The load generator (``--client aio``, the default) is one asyncio gRPC connection per 8 clients with
 every request serialized before the clock starts, so that it takes as little of the machine as it
 can; its own CPU use is measured (``getrusage``) and printed as cores beside each row.
 ``--bad F``: that share of the requests is malformed (a corrupt PNG, a truncated JPEG, a wrong
@@ -84,18 +84,20 @@ def cpu_seconds(pid: int | None) -> float:
 def start_advshield(args, log_path: Path) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "advshield", "serve", args.pipeline, "--port", "0", "--no-request-log",
            "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
-           "--threads", str(args.threads), "--max-inflight", str(max(64, 2 * max(args.concurrency)))]
+           "--threads", str(args.threads), "--workers", str(args.workers), "--max-inflight", str(max(64, 2 * max(args.concurrency)))]
     log = open(log_path, "w")  # noqa: SIM115 - the server's log for its lifetime
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     port, t_end = None, time.monotonic() + 120
     while time.monotonic() < t_end:
         if proc.poll() is not None:
             raise SystemExit(f"advshield serve exited with {proc.returncode}:\n{log_path.read_text()}")
+        ready = 0
         for line in log_path.read_text().splitlines():
             if line.startswith("{"):
                 rec = json.loads(line)
                 port = rec["port"] if rec.get("event") == "listening" else port
-                if rec.get("event") == "ready" and port:
+                ready += rec.get("event") == "ready"
+                if ready >= args.workers and port:
                     return proc, port
         time.sleep(0.1)
     proc.kill()
@@ -224,7 +226,7 @@ def _good_requests(model: str, kind: str, images: list[bytes], pixels: np.ndarra
 
 def load_level_aio(url: str, model: str, concurrency: int, seconds: float, args, images, pixels, pid: int | None) -> dict:
     """``concurrency`` clients, each with one request in flight at a time, on asyncio gRPC
-    channels (16 clients a channel) in this process; requests serialized in advance."""
+    connections (8 clients a connection) in this process; requests serialized in advance."""
     import asyncio
     import resource
 
@@ -241,16 +243,20 @@ def load_level_aio(url: str, model: str, concurrency: int, seconds: float, args,
     method = "/inference.GRPCInferenceService/ModelInfer"
 
     async def run() -> tuple[float, float]:
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        channels = [grpc.aio.insecure_channel(url, options=options) for _ in range((concurrency + 15) // 16)]
+        # a connection of its own per channel (gRPC shares one between channels to the same
+        # target by default): the kernel spreads connections over serve.workers
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(url, options=options) for _ in range((concurrency + 7) // 8)]
         calls = [ch.unary_unary(method, request_serializer=None, response_deserializer=None) for ch in channels]
+        per = max(1, -(-concurrency // len(channels)))
         for c in calls:
             await c(good[0][0], timeout=60)  # connections set up, model warm
         stop_at = [0.0]
         is_bad = rng.random((concurrency, 4096)) < args.bad
 
         async def client(w: int) -> None:
-            call, k = calls[w // 16], 0
+            call, k = calls[w // per], 0
             while time.perf_counter() < stop_at[0]:
                 b = bool(is_bad[w, k % 4096])
                 payload = bad[k % len(bad)] if b else good[w][k % 16]
@@ -370,7 +376,8 @@ def main() -> None:
                     help="load generator: pre-serialized asyncio gRPC (light) or tritonclient threads")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-queue-delay-ms", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=1, help="server torch/ONNX Runtime threads")
+    ap.add_argument("--threads", type=int, default=1, help="server torch/ONNX Runtime threads (per worker)")
+    ap.add_argument("--workers", type=int, default=1, help="advshield serve worker processes (default: %(default)s)")
     ap.add_argument("--triton", action="store_true", help="generate the Triton repository and start tritonserver")
     ap.add_argument("--triton-url", default=None, help="HOST:PORT of Triton serving the same pipeline")
     ap.add_argument("--triton-model", default=None, help="model name on Triton (default: the pipeline's name)")

@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from server_helpers import call, image_tensor, outputs_of, raw_request, start_server, stub
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from advshield.cli import main
@@ -39,6 +41,8 @@ from advshield.plugin.config import DefenseEntry, load_pipeline, loads_pipeline
 from advshield.plugin.decode import encode_png
 from advshield.plugin.pipeline import DefendedClassifier, Prediction
 from advshield.plugin.server import ScoringServer, ServeSpec, serve_spec
+from advshield.plugin.server.scoring_server import serve
+from advshield.plugin.server.spec import ServeError
 
 MODEL = "fashion_mnist"
 TOKEN = "test-token-0123456789"
@@ -725,6 +729,55 @@ def test_sigterm_stops_the_server_gracefully(pipeline_path, tmp_path, fashion_te
         assert _one(srv.url, x, timeout=2)[0] == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
+
+
+def test_workers_share_the_port_and_stop_together(pipeline_path, tmp_path, fashion_test, reference):
+    """serve.workers = 2: two processes listen on one port; requests from separate connections
+    reach both (each worker's own metrics count its share, together every request), answers equal
+    the in-process pipeline's; SIGTERM to the parent drains and stops both, exit status 0."""
+    log = tmp_path / "server.log"
+    srv = start_server(pipeline_path, log, "--workers", "2", "--metrics-port", "0")
+    x = fashion_test.as_float(0, 2)
+    expected = reference.predict(torch.from_numpy(x)).probs
+    try:
+        t_end = time.monotonic() + 60
+        while len(listening := [r for r in srv.logs() if r.get("event") == "listening"]) < 2:
+            assert time.monotonic() < t_end, log.read_text()
+            time.sleep(0.2)
+        assert {r["port"] for r in listening} == {srv.port}
+        workers = next(r for r in srv.logs() if r.get("event") == "workers")["pids"]
+        assert len(set(workers)) == 2 and srv.proc.pid not in workers
+
+        def session(_):
+            codes = []
+            for _ in range(4):  # a new connection each time: the kernel picks a worker per connection
+                with grpc.insecure_channel(srv.url, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                    code, message, resp = call(service_pb2_grpc.GRPCInferenceServiceStub(ch), raw_request(
+                        MODEL, [(P.INPUT_PIXELS, "FP32", list(x.shape), x.tobytes())]), timeout=20)
+                assert code == grpc.StatusCode.OK, message
+                np.testing.assert_allclose(outputs_of(resp)["PROBS"], expected, rtol=0, atol=1e-5)
+                codes.append(code)
+            return len(codes)
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(session, range(8))) == 32
+        counts = [_metric(_metrics(r["metrics_port"]), "advshield_requests_total", method="ModelInfer", code="OK")
+                  for r in listening]
+        assert sum(counts) == 32 and min(counts) > 0, counts
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0, log.read_text()[-3000:]
+        for pid in workers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert sum(r.get("event") == "stopped" for r in srv.logs()) == 3  # each worker, then the parent
+    finally:
+        srv.stop()
+
+
+def test_workers_need_a_pipeline_file(pipeline_path):
+    cfg = dataclasses.replace(load_pipeline(pipeline_path), source=None)  # as loads_pipeline gives it
+    with pytest.raises(ServeError, match=r"serve.workers > 1 needs a pipeline file"):
+        serve(cfg, ServeSpec(port=0, workers=2))
 
 
 # --- the same contract as the generated Triton ensemble ---------------------------------------

@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message size limit")
     p.add_argument("--request-timeout-s", type=float, default=None, help="deadline of requests that carry none")
     p.add_argument("--grace-s", type=float, default=None, help="shutdown grace period for in-flight requests")
-    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per worker (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="server processes on the one port, each with its own model (default: serve.workers, 1)")
     p.add_argument("--token", default=None, help="require this bearer token (visible in ps; prefer --token-file)")
     p.add_argument("--token-file", default=None, help="require the bearer token in this file's first line")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
@@ -82,7 +84,7 @@ def cmd_serve(args) -> int:
         cfg, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms, max_inflight=args.max_inflight, max_streams=args.max_streams,
         max_message_bytes=args.max_message_bytes, request_timeout_s=args.request_timeout_s,
-        grace_s=args.grace_s, threads=args.threads, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        grace_s=args.grace_s, threads=args.threads, workers=args.workers, tls_cert=args.tls_cert, tls_key=args.tls_key,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         log_requests=False if args.no_request_log else None,
     )

@@ -23,14 +23,16 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
 from advshield.plugin import protocol as P
+from advshield.plugin.config import load_pipeline
 from advshield.plugin.pipeline import DefendedClassifier
 from advshield.plugin.server.auth import TokenAuth
 from advshield.plugin.server.batcher import Batcher
-from advshield.plugin.server.logs import log_event
+from advshield.plugin.server.logs import log_event, setup_json_logging
 from advshield.plugin.server.metrics import Metrics
 from advshield.plugin.server.servicer import InferenceServicer
 from advshield.plugin.server.spec import ServeError, ServeSpec, read_token
 from advshield.plugin.server.streams import StreamLimit
+from advshield.plugin.server.workers import serve_workers
 
 
 class ScoringServer:
@@ -67,7 +69,7 @@ class ScoringServer:
             options=[
                 ("grpc.max_receive_message_length", spec.max_message_bytes),
                 ("grpc.max_send_message_length", spec.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if spec.reuse_port else 0),
                 *([("grpc.max_connection_idle_ms", int(spec.connection_idle_s * 1000))] if spec.connection_idle_s else []),
             ],
             maximum_concurrent_rpcs=4 * workers,  # backstop: gRPC answers RESOURCE_EXHAUSTED beyond it
@@ -172,9 +174,12 @@ def build_server(cfg: Any, spec: ServeSpec, token: str | None = None) -> Scoring
 
 
 def serve(cfg: Any, spec: ServeSpec, token: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status."""
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status.
+    ``spec.workers`` > 1: that many server processes on the one port (``workers.serve_workers``)."""
     if token is None and spec.token_file:
         token = read_token(spec.token_file)
+    if spec.workers > 1:
+        return serve_workers(cfg.source, spec, token, _worker_main)
     t0 = time.perf_counter()
     server = build_server(cfg, spec, token)
     stop = threading.Event()
@@ -198,3 +203,11 @@ def serve(cfg: Any, spec: ServeSpec, token: str | None = None) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
     return 0
+
+
+def _worker_main(source: str, spec: ServeSpec, token: str | None, index: int, level: int) -> None:
+    """One of ``serve.workers``' processes: load the pipeline file, serve until SIGTERM."""
+    os.setpgrp()  # a terminal's Ctrl-C reaches the parent only, which forwards one SIGTERM
+    setup_json_logging(level)
+    log_event(logging.INFO, "worker", event="worker", index=index, pid=os.getpid())
+    raise SystemExit(serve(load_pipeline(source), spec, token))

@@ -30,7 +30,9 @@ class ServeSpec:
     max_message_bytes: int = 32 << 20  # gRPC receive/send limit
     request_timeout_s: float = 30.0  # deadline of a request whose client sets none
     grace_s: float = 10.0  # shutdown: how long in-flight requests may take to finish
-    threads: int = 1  # torch / ONNX Runtime / OpenMP threads inside the server
+    threads: int = 1  # torch / ONNX Runtime / OpenMP threads inside the server (each worker)
+    workers: int = 1  # server processes on the one port (SO_REUSEPORT), each with its own model
+    reuse_port: bool = False  # share the port with other processes (set for each of serve.workers)
     token_file: str = ""  # bearer token (first line of the file); empty: no authentication
     tls_cert: str = ""  # PEM certificate chain; with tls_key: TLS instead of plaintext
     tls_key: str = ""
@@ -52,6 +54,7 @@ class ServeSpec:
         check(self.request_timeout_s > 0, f"serve.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         check(self.grace_s >= 0, f"serve.grace_s: must be >= 0, got {self.grace_s}")
         check(1 <= self.threads <= 64, f"serve.threads: must be within [1, 64], got {self.threads}")
+        check(1 <= self.workers <= 64, f"serve.workers: must be within [1, 64], got {self.workers}")
         check(bool(self.tls_cert) == bool(self.tls_key),
               f"serve: tls_cert and tls_key go together, got tls_cert={self.tls_cert!r} tls_key={self.tls_key!r}")
         check(-1 <= self.metrics_port <= 65535, f"serve.metrics_port: must be -1 (off) or within [0, 65535], got {self.metrics_port}")
