@@ -158,7 +158,7 @@ def _codebook_key(cfg: Any) -> tuple:
             cfg.iterations, cfg.seed)
 
 
-class _Fitter:
+class CodebookFitter:
     """Fits patch codebooks, once per distinct set of codebook parameters."""
 
     def __init__(self, model: Any, train: torch.Tensor, work: Path, seed: int) -> None:
@@ -222,7 +222,7 @@ def attack_view(model: Any, defenses: Sequence[Defense]) -> AttackModel:
     return AttackModel(clf, image)
 
 
-def _judge(served: Served, x: torch.Tensor, y: np.ndarray, adv: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def judge_served(served: Served, x: torch.Tensor, y: np.ndarray, adv: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The audit's never-trust check: clip, round to 8 bits, re-score through the serving path.
     (success [N], L2 distortion [N])."""
     checked = check_adversarial(x, adv, ThreatModel(levels=256))
@@ -241,7 +241,7 @@ def _summary(prefix: str, success: np.ndarray, dist: np.ndarray, correct: np.nda
             f"{prefix}_median_l2": M.median_distortion(dist, success, correct)}
 
 
-def evaluate(conf: Configuration, model: Any, fitter: _Fitter, test_x: torch.Tensor, test_y: np.ndarray,
+def evaluate(conf: Configuration, model: Any, fitter: CodebookFitter, test_x: torch.Tensor, test_y: np.ndarray,
              settings: StudySettings, transfer: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """One row of the study (see the module docstring)."""
     defenses = build_configuration(conf)
@@ -265,7 +265,7 @@ def evaluate(conf: Configuration, model: Any, fitter: _Fitter, test_x: torch.Ten
     results = {}
     for name, fn in (("ddn", lambda a, b: ddn(model_view, a, b, steps=settings.attack_steps)),
                      ("bp", lambda a, b: bp(model_view, a, b, steps=settings.attack_steps))):
-        results[name] = _judge(served, x, y, _batched(fn, x, yt, settings.batch))
+        results[name] = judge_served(served, x, y, _batched(fn, x, yt, settings.batch))
     success, dist = M.best_of(np.stack([results[k][0] for k in results]), np.stack([results[k][1] for k in results]))
     dist = np.where(np.isfinite(dist), dist, 0.0)
     row.update(_summary("bpda", success & correct, dist, correct))
@@ -274,10 +274,10 @@ def evaluate(conf: Configuration, model: Any, fitter: _Fitter, test_x: torch.Ten
     row["correct"] = int(correct.sum())
     if settings.smooth:
         adv = _batched(lambda a, b: scw_l2(model_view, a, b, steps=settings.smooth_steps), x, yt, settings.batch)
-        s, d = _judge(served, x, y, adv)
+        s, d = judge_served(served, x, y, adv)
         row.update(_summary("scw_adaptive", s & correct, d, correct))
         for name, adv in (transfer or {}).items():
-            s, d = _judge(served, x, y, adv)
+            s, d = judge_served(served, x, y, adv)
             row.update(_summary(f"{name}_transfer", s & correct, d, correct))
     row["attack_seconds"] = round(time.perf_counter() - t0, 1)
     return row
@@ -313,7 +313,7 @@ def run_patch_study(model: Any, train: np.ndarray | torch.Tensor, test: tuple[np
         transfer = transfer_examples(model, test_x[: settings.samples], test_y[: settings.samples], settings)
     rows = []
     with tempfile.TemporaryDirectory(prefix="advshield-study-") as work:
-        fitter = _Fitter(model, train_t, Path(work), settings.seed)
+        fitter = CodebookFitter(model, train_t, Path(work), settings.seed)
         for conf in progress_bar(configurations, enabled=progress, desc="study", unit="config"):
             row = evaluate(conf, model, fitter, test_x, test_y, settings, transfer)
             rows.append(row)
