@@ -111,3 +111,17 @@ def test_the_command_writes_table_json_and_plot(pipeline_path, tmp_path, capsys)
     assert data["feature_layer"] == "relu"
     assert (tmp_path / "study.png").stat().st_size > 1000
     assert main(["study", "patches", str(pipeline_path), "--only", "nope", "--out", str(tmp_path), "--quiet"]) == 2
+
+
+@pytest.mark.slow
+def test_the_documented_rows_reproduce(pipeline_path, tmp_path):
+    """docs/thesis.md's Fashion-MNIST table: the study is seeded end to end (codebooks, attacks),
+    so rerunning its command for two rows gives the documented figures (about 60 s)."""
+    from advshield.studies import study_patches
+
+    rows = {r["label"]: r for r in study_patches(pipeline_path, out=tmp_path, only=("img K4096 3x3 c2 plain", "bit2"),
+                                                 progress=False)["rows"]}
+    assert rows["img K4096 3x3 c2 plain"]["clean_accuracy"] == pytest.approx(0.923, abs=1e-3)
+    assert rows["img K4096 3x3 c2 plain"]["bpda_mean_l2"] == pytest.approx(0.532, abs=2e-3)
+    assert rows["bit2"]["clean_accuracy"] == pytest.approx(0.904, abs=1e-3)
+    assert rows["bit2"]["bpda_mean_l2"] == pytest.approx(0.746, abs=2e-3)
