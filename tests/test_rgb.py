@@ -552,7 +552,7 @@ def test_deploy_triton_rgb(pipelines, test_images, tmp_path):
     repo = generate_repository(paths["rgb_patches"], tmp_path / "models", classifier_backend="python", overwrite=True)
     ens = repo.config("rgb_patches")
     dims = {i.name: list(i.dims) for i in ens.input}
-    assert [3, 32, 32] in dims.values()
+    assert dims["PIXELS"] == [-1, 3, 32, 32]  # the public model: not batching, batch dimension -1
     server = serve_repository(repo, log_path=tmp_path / "triton.log", threads=1)
     x, _ = test_images
     batch = torch.from_numpy(x[:16].astype(np.float32) / 255)
