@@ -125,3 +125,17 @@ def test_the_documented_rows_reproduce(pipeline_path, tmp_path):
     assert rows["img K4096 3x3 c2 plain"]["bpda_mean_l2"] == pytest.approx(0.532, abs=2e-3)
     assert rows["bit2"]["clean_accuracy"] == pytest.approx(0.904, abs=1e-3)
     assert rows["bit2"]["bpda_mean_l2"] == pytest.approx(0.746, abs=2e-3)
+
+
+def test_comparable_squeezers_are_those_at_least_as_accurate():
+    from advshield.attacks.patch_study import mark_comparable
+
+    row = lambda label, family, acc, d: {"label": label, "family": family, "clean_accuracy": acc,  # noqa: E731
+                                         "bpda_mean_l2": d}
+    rows = mark_comparable([row("p", "patches", 0.920, 0.60), row("b1", "bit_depth", 0.800, 1.50),
+                            row("b2", "bit_depth", 0.916, 0.50), row("m", "median", 0.930, 0.30),
+                            row("j", "jpeg", 0.914, 0.90)])
+    p = rows[0]
+    assert p["nearest_squeezer"] == "b2"  # |0.916 - 0.920| is the smallest gap
+    # b1 (12 points less accurate) and j (0.6 point less) are not comparable; b2 (0.4 less) is
+    assert p["best_comparable_squeezer"] == "b2" and p["ratio_to_best_comparable_squeezer"] == pytest.approx(1.2)
