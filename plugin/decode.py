@@ -136,7 +136,7 @@ def _pixels(opened: Opened, spec: InputSpec) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         raise ImageError(f"unsupported pixel mode {mode!r} (16/32-bit); expected 8-bit grey or RGB")
-    if mode not in _GREY_MODES | _COLOUR_MODES:
+    if mode not in _GREY_MODES and mode not in _COLOUR_MODES:
         raise ImageError(f"unsupported pixel mode {mode!r}")
     is_grey = mode in _GREY_MODES or (mode == "P" and _palette_is_grey(img))
     if spec.color == "strict":
@@ -146,7 +146,8 @@ def _pixels(opened: Opened, spec: InputSpec) -> np.ndarray:
             raise ImageError(f"wrong mode: model takes 3-channel RGB images, got {mode!r}")
     if mode == "CMYK" and spec.color == "strict":
         raise ImageError("wrong mode: CMYK images are not accepted")
-    pic = img.convert("L" if spec.channels == 1 else "RGB")
+    target = "L" if spec.channels == 1 else "RGB"
+    pic = img if img.mode == target else img.convert(target)  # already decoded in that mode: no copy
     if spec.resize == "crop":
         pic = resize_and_centre_crop(pic, spec.height, spec.width, spec.crop_fraction)
     elif (h, w) != (spec.height, spec.width):  # resize = "resize" (a wrong size under "exact" was refused above)

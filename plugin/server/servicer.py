@@ -4,6 +4,7 @@ contract (tensor names, shapes, parameters) is ``advshield.plugin.protocol``."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -177,6 +178,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def inflight(self) -> int:
         return self._inflight
 
+    @functools.cached_property
+    def _expected_inputs(self) -> str:
+        """What the error messages say the model takes (built once, not per request)."""
+        return " or ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in self.inputs.values())
+
     def _admit(self) -> bool:
         with self._lock:
             if self._inflight >= self.spec.max_inflight:
@@ -195,7 +201,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if (err := self._model_error(request.model_name, request.model_version)) is not None:
             raise err
-        expected = " or ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in self.inputs.values())
+        expected = self._expected_inputs
         names = [t.name for t in request.inputs]
         for name in names:
             if name not in self.inputs:
